@@ -1,0 +1,38 @@
+# The README's two commands: `make run` (set up, then serve classifications) and `make test` (set up, then test).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: setup run test test-fast test-docker proto bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Regenerate cxr/generated from proto/ (committed; tests fail when it is stale)
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+## Train a demo model (on ../shared/data/cxr-raw when present, else on generated phantoms) and serve it
+run: $(STAMP)
+	$(BIN)/python -m cxr demo-stack
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow and not docker"
+
+bench: $(STAMP)
+	$(BIN)/python bench/inference_throughput.py
+	$(BIN)/python bench/gateway_throughput.py
+
+clean:
+	rm -rf $(VENV) runs model_repository demo .pytest_cache

@@ -1,0 +1,3 @@
+from cxr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The one image reader, shared by training and the gateway (no torch here).
+
+What a model saw in training is exactly what it sees in production: both paths call
+`read_image` (decode to an 8-bit grayscale array) and then `resize_for_model`.
+
+DICOM follows the MONAI Deploy / torchxrayvision order: modality rescale (slope/intercept),
+then VOI LUT or window, then MONOCHROME1 inversion.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+class ImageError(ValueError):
+    """An input we refuse to read. `reason` is a short machine-readable code (safe as a metric label)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits that protect the reader from oversized inputs and decompression bombs."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 50_000_000
+
+
+@dataclass
+class DecodedImage:
+    """A decoded radiograph: 8-bit grayscale pixels, how it was read, and what a person should know."""
+
+    pixels: np.ndarray  # uint8 [H, W]
+    format: str  # "dicom", "png" or "jpeg"
+    notices: list[str] = field(default_factory=list)
+
+
+def detect_format(data: bytes) -> str:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    # DICOM without a preamble (ACR-NEMA style): starts with a group 0x0008 or 0x0002 tag, little endian
+    if len(data) >= 8 and data[0:2] in (b"\x08\x00", b"\x02\x00"):
+        return "dicom"
+    raise ImageError("unknown_format", "unrecognised image format: expected DICOM, PNG or JPEG")
+
+
+def read_image(data: bytes, fmt: str | None = None, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """Decode DICOM, PNG or JPEG bytes to an 8-bit grayscale image."""
+    if not data:
+        raise ImageError("empty", "empty input: no image bytes were sent")
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_large", f"input is {len(data)} bytes; the limit is {limits.max_bytes}")
+    fmt = (fmt or "").lower() or detect_format(data)
+    if fmt == "jpg":
+        fmt = "jpeg"
+    if fmt == "dicom":
+        from cxr.dicom import read_dicom  # pydicom is imported only when a DICOM arrives
+
+        return read_dicom(data, limits)
+    if fmt in ("png", "jpeg"):
+        return _read_raster(data, fmt, limits)
+    raise ImageError("unknown_format", f"unsupported format {fmt!r}: expected dicom, png or jpeg")
+
+
+def read_image_file(path: str | Path, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    return read_image(Path(path).read_bytes(), limits=limits)
+
+
+def _read_raster(data: bytes, fmt: str, limits: ImageLimits) -> DecodedImage:
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > limits.max_pixels:
+            raise ImageError("too_many_pixels", f"image is {img.width}x{img.height}; the limit is {limits.max_pixels} pixels")
+        img.load()
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL raises many types for truncated or corrupt files
+        raise ImageError("corrupt", f"cannot decode {fmt.upper()}: {exc}") from None
+    notices: list[str] = []
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        pixels = _to_uint8(arr, arr.min(), arr.max())
+        notices.append("16-bit image scaled to 8 bits")
+    else:
+        if img.mode not in ("L", "LA"):
+            notices.append(f"{img.mode} image converted to grayscale")
+        pixels = np.asarray(img.convert("L"), dtype=np.uint8)
+    return DecodedImage(pixels=np.ascontiguousarray(pixels), format=fmt, notices=notices)
+
+
+def _to_uint8(arr: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Linearly map [low, high] to [0, 255], clipping outside."""
+    if high <= low:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    scaled = (arr.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def resize_for_model(pixels: np.ndarray, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """The one resize to the model's square input: uint8 [H, W] -> uint8 [size, size] (antialiased bilinear)."""
+    if pixels.shape == (size, size):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def load_for_model(source: str | Path | bytes, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """Read a file (or bytes) and resize: exactly what the gateway sends for the same image."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return resize_for_model(read_image(data).pixels, size)
