@@ -1,50 +1,194 @@
-"""DICOM to 8-bit grayscale: rescale, then VOI LUT or window, then MONOCHROME1 inversion."""
+"""DICOM to 8-bit grayscale: rescale, then VOI LUT or window, then MONOCHROME1 inversion.
+
+Everything that could make the decoder misbehave is checked from the header first (one grayscale frame,
+supported bit depth and transfer syntax, pixel count within limits, pixel data long enough, and for
+compressed data the frame size the codestream itself declares), so a hostile file is refused before
+any large buffer is allocated.
+"""
 
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 
 from cxr.imaging import DecodedImage, ImageError, ImageLimits, _to_uint8
 
+# ViewPosition values (DICOM CS) that mean a lateral projection; our models were trained on frontal views.
+LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LL_DECUBITUS", "RL_DECUBITUS"}
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+def _pydicom():
+    import pydicom
+
+    # Never validate element values while reading: validation warnings quote the values (names, birth
+    # dates) into logs, and a malformed value in a tag we do not use must not refuse the image.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    return pydicom
+
 
 def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
-    import pydicom
+    pydicom = _pydicom()
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds.get("PixelData")  # parse up to and including the pixel data now, so truncation shows here
     except Exception as exc:
-        raise ImageError("corrupt", f"cannot parse DICOM: {exc}") from None
+        raise _parse_error(exc) from None
     if "PixelData" not in ds:
-        raise ImageError("no_pixel_data", "DICOM has no pixel data (PixelData element missing)")
+        raise ImageError("no_pixel_data", "DICOM has no pixel data (PixelData element missing): nothing to classify")
     if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
         # ACR-NEMA style files without meta: the data is implicit VR little endian
-        ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
+        ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageError("not_grayscale", f"DICOM PhotometricInterpretation {photometric} is not supported: expected MONOCHROME1 or MONOCHROME2")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ImageError("multi_frame", f"multi-frame DICOM ({frames} frames) is not supported: send one frame per request")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    if rows * cols > limits.max_pixels:
-        raise ImageError("too_many_pixels", f"image is {cols}x{rows}; the limit is {limits.max_pixels} pixels")
+    _check_header(ds, limits)
+    transfer_syntax = ds.file_meta.TransferSyntaxUID
+    if transfer_syntax.is_compressed:
+        _check_codestream(ds, limits)
+    else:
+        _check_native_length(ds)
     try:
         arr = ds.pixel_array
     except Exception as exc:
-        raise ImageError("corrupt", f"cannot decode DICOM pixel data: {exc}") from None
+        raise ImageError("corrupt", f"cannot decode DICOM pixel data ({transfer_syntax.name}): {_short(exc)}") from None
     if arr.ndim != 2:
         raise ImageError("not_grayscale", f"DICOM pixel array has shape {arr.shape}: expected one grayscale frame")
     notices: list[str] = []
-    arr = apply_modality_lut(arr, ds).astype(np.float64)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
-        arr = apply_voi_lut(arr, ds).astype(np.float64)
-        notices.append("DICOM VOI LUT/window applied")
+    try:
+        arr = apply_modality_lut(arr, ds).astype(np.float64)
+        if "VOILUTSequence" in ds or "WindowCenter" in ds:
+            windowed = apply_voi_lut(arr, ds).astype(np.float64)
+            if np.isfinite(windowed).all():
+                arr = windowed
+                notices.append("DICOM VOI LUT/window applied")
+    except Exception as exc:
+        raise ImageError("corrupt", f"cannot apply the DICOM rescale/window: {_short(exc)}") from None
+    if not np.isfinite(arr).all():
+        raise ImageError("corrupt", "DICOM rescale produced non-finite pixel values (check RescaleSlope/RescaleIntercept)")
     pixels = _to_uint8(arr, float(arr.min()), float(arr.max()))
-    if photometric == "MONOCHROME1":
+    if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
         pixels = 255 - pixels
         notices.append("MONOCHROME1 inverted")
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view in LATERAL_VIEWS:
+        notices.append(f"lateral view (ViewPosition {view}): the models were trained on frontal radiographs")
     return DecodedImage(pixels=np.ascontiguousarray(pixels), format="dicom", notices=notices)
+
+
+def _parse_error(exc: Exception) -> ImageError:
+    text = _short(exc)
+    if isinstance(exc, EOFError) or "end of file" in text.lower() or "truncat" in text.lower():
+        return ImageError("truncated", f"DICOM file is truncated: {text}")
+    return ImageError("corrupt", f"cannot parse DICOM: {text}")
+
+
+def _short(exc: Exception, limit: int = 200) -> str:
+    """An exception as one short line (decoder messages can be long)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _int(ds, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ImageError("corrupt", f"DICOM {keyword} is missing or not a number: cannot read the pixels") from None
+
+
+def _check_header(ds, limits: ImageLimits) -> None:
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if samples != 1 or photometric not in GRAYSCALE:
+        shown = photometric or "(missing)"
+        raise ImageError(
+            "not_grayscale",
+            f"DICOM is not grayscale (PhotometricInterpretation {shown}, SamplesPerPixel {samples}): "
+            "only MONOCHROME1 or MONOCHROME2 radiographs can be classified",
+        )
+    ds.PhotometricInterpretation = photometric
+    frames = _int(ds, "NumberOfFrames", 1) if ds.get("NumberOfFrames") not in (None, "") else 1
+    if frames != 1:
+        raise ImageError("multi_frame", f"multi-frame DICOM ({frames} frames) is not supported: send one frame per request")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if rows <= 0 or cols <= 0:
+        raise ImageError("corrupt", f"DICOM image size {cols}x{rows} is invalid")
+    if rows * cols > limits.max_pixels:
+        raise ImageError("too_many_pixels", f"DICOM image is {cols}x{rows}; the limit is {limits.max_pixels} pixels")
+    allocated, stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored", None if "BitsStored" in ds else 0)
+    if allocated not in (8, 16) or not 1 <= (stored or allocated) <= allocated:
+        raise ImageError(
+            "unsupported_bits",
+            f"DICOM with BitsAllocated {allocated} / BitsStored {stored} is not supported: expected 8 or 16 bits allocated",
+        )
+
+
+def _check_native_length(ds) -> None:
+    rows, cols, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
+    expected = rows * cols * bits // 8
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise ImageError("truncated", f"DICOM pixel data is truncated: {actual} bytes for a {cols}x{rows} {bits}-bit image needing {expected}")
+
+
+def _check_codestream(ds, limits: ImageLimits) -> None:
+    """Compressed pixel data: a decoder we have, one frame, and a codestream that declares the header's size.
+
+    A JPEG or JPEG 2000 codestream carries its own width and height; a file whose header says 512x512
+    but whose codestream decodes to 60000x60000 is a decompression bomb, refused before decoding.
+    """
+    from pydicom.encaps import generate_frames
+    from pydicom.pixels import get_decoder
+
+    uid = ds.file_meta.TransferSyntaxUID
+    try:
+        available = get_decoder(uid).is_available
+    except Exception:
+        available = False
+    if not available:
+        raise ImageError("unsupported_transfer_syntax", f"DICOM transfer syntax {uid} ({uid.name}) cannot be decoded here")
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except StopIteration:
+        raise ImageError("no_pixel_data", "DICOM encapsulated pixel data holds no frame") from None
+    except Exception as exc:
+        raise ImageError("corrupt", f"DICOM encapsulated pixel data is malformed: {_short(exc)}") from None
+    if not frame:
+        raise ImageError("no_pixel_data", "DICOM encapsulated pixel data holds an empty frame")
+    size = _codestream_size(frame)
+    if size is None:
+        return
+    width, height = size
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if width * height > limits.max_pixels:
+        raise ImageError("too_many_pixels", f"DICOM codestream is {width}x{height}; the limit is {limits.max_pixels} pixels")
+    if (width, height) != (cols, rows):
+        raise ImageError("corrupt", f"DICOM codestream is {width}x{height} but the header says {cols}x{rows}")
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) declared by a JPEG (SOF) or JPEG 2000 (SIZ) codestream; None for other encodings."""
+    if frame[:2] == b"\xff\xd8":  # JPEG family (baseline, extended, lossless, JPEG-LS): walk markers to the SOF
+        pos = 2
+        while pos + 4 <= len(frame):
+            if frame[pos] != 0xFF:
+                return None
+            marker = frame[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            length = struct.unpack(">H", frame[pos + 2 : pos + 4])[0]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+                if pos + 9 > len(frame):
+                    return None
+                height, width = struct.unpack(">HH", frame[pos + 5 : pos + 9])
+                return width, height
+            pos += 2 + length
+        return None
+    if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # JPEG 2000 codestream: SOC, SIZ, Lsiz, Rsiz, sizes
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", frame[8:24])
+        return xsiz - xosiz, ysiz - yosiz
+    return None

@@ -35,6 +35,11 @@ class ImageLimits:
     max_pixels: int = 50_000_000
 
 
+# PIL's own decompression-bomb guard, aligned with ours (it raises beyond twice this; we refuse beyond
+# `ImageLimits.max_pixels` from the header before decoding anything).
+Image.MAX_IMAGE_PIXELS = ImageLimits.max_pixels
+
+
 @dataclass
 class DecodedImage:
     """A decoded radiograph: 8-bit grayscale pixels, how it was read, and what a person should know."""
@@ -45,6 +50,7 @@ class DecodedImage:
 
 
 def detect_format(data: bytes) -> str:
+    """"png", "jpeg" or "dicom" from the first bytes (DICOM with or without the 128-byte preamble)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png"
     if data[:3] == b"\xff\xd8\xff":
@@ -58,14 +64,14 @@ def detect_format(data: bytes) -> str:
 
 
 def read_image(data: bytes, fmt: str | None = None, limits: ImageLimits = ImageLimits()) -> DecodedImage:
-    """Decode DICOM, PNG or JPEG bytes to an 8-bit grayscale image."""
+    """Decode DICOM, PNG or JPEG bytes to an 8-bit grayscale image; `fmt` None or "" detects it."""
     if not data:
         raise ImageError("empty", "empty input: no image bytes were sent")
     if len(data) > limits.max_bytes:
         raise ImageError("too_large", f"input is {len(data)} bytes; the limit is {limits.max_bytes}")
     fmt = (fmt or "").lower() or detect_format(data)
-    if fmt == "jpg":
-        fmt = "jpeg"
+    if fmt in ("jpg", "dcm"):
+        fmt = {"jpg": "jpeg", "dcm": "dicom"}[fmt]
     if fmt == "dicom":
         from cxr.dicom import read_dicom  # pydicom is imported only when a DICOM arrives
 
@@ -76,22 +82,34 @@ def read_image(data: bytes, fmt: str | None = None, limits: ImageLimits = ImageL
 
 
 def read_image_file(path: str | Path, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """`read_image` of a file's bytes."""
     return read_image(Path(path).read_bytes(), limits=limits)
 
 
 def _read_raster(data: bytes, fmt: str, limits: ImageLimits) -> DecodedImage:
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=[fmt.upper()])
+        # the header gives the size: refuse bombs before decompressing anything
         if img.width * img.height > limits.max_pixels:
             raise ImageError("too_many_pixels", f"image is {img.width}x{img.height}; the limit is {limits.max_pixels} pixels")
+        if img.width < 1 or img.height < 1:
+            raise ImageError("corrupt", f"image size {img.width}x{img.height} is invalid")
         img.load()
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_many_pixels", f"image refused as a decompression bomb: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("corrupt", f"the bytes are not a readable {fmt.upper()} image (wrong header or format)") from None
     except Exception as exc:  # PIL raises many types for truncated or corrupt files
-        raise ImageError("corrupt", f"cannot decode {fmt.upper()}: {exc}") from None
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = "truncated" if "truncat" in text.lower() else "corrupt"
+        raise ImageError(reason, f"cannot decode {fmt.upper()}: {text}") from None
     notices: list[str] = []
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError("corrupt", f"{fmt.upper()} holds non-finite pixel values")
         pixels = _to_uint8(arr, arr.min(), arr.max())
         notices.append("16-bit image scaled to 8 bits")
     else:
