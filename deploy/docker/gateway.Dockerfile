@@ -1,0 +1,38 @@
+# cxr gateway: the cxr.v1 gRPC API for PACS integrations. Decodes images and forwards them; no onnxruntime, no torch.
+#
+#   docker build -f deploy/docker/gateway.Dockerfile -t cxr/gateway .
+ARG BASE_IMAGE=python:3.11-slim
+# `:-` as well: docker-compose passes BASE_IMAGE as an empty build arg when it is unset in the environment
+FROM ${BASE_IMAGE:-python:3.11-slim}
+
+USER root
+RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+      apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && python3 -m venv /opt/venv \
+ && groupadd --system --gid 10001 cxr \
+ && useradd --system --uid 10001 --gid cxr --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin cxr
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Dependencies first, in their own layer (rebuilt only when pyproject.toml changes).
+COPY pyproject.toml deploy/docker/requirements.py /tmp/build/
+RUN python /tmp/build/requirements.py gateway /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
+ && pip install -r /tmp/build/requirements.txt "setuptools>=68" wheel \
+ && rm -rf /tmp/build
+
+COPY pyproject.toml README.md /tmp/src/
+COPY cxr /tmp/src/cxr
+COPY services /tmp/src/services
+COPY deploy/docker/grpc_health_check.py /opt/cxr/grpc_health_check.py
+RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src
+
+USER 10001:10001
+ENV CXR_GATEWAY_PORT=50051 CXR_GATEWAY_METRICS_PORT=9090
+EXPOSE 50051 9090
+HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=3 \
+  CMD python /opt/cxr/grpc_health_check.py "127.0.0.1:${CXR_GATEWAY_PORT}"
+ENTRYPOINT ["cxr"]
+CMD ["serve", "gateway", "--inference", "inference:8001"]

@@ -1,0 +1,47 @@
+# cxr inference: KServe v2 / Triton-compatible gRPC over onnxruntime. No torch in this image.
+#
+#   docker build -f deploy/docker/inference.Dockerfile -t cxr/inference .
+#
+# onnxruntime-gpu 1.23 from PyPI is built against CUDA 12.x and cuDNN 9, which this default base provides; on a
+# machine without a GPU the same image runs on onnxruntime's CPU provider. Any base with python3 >= 3.11, or with
+# apt and a python3 >= 3.11 package (as Ubuntu 24.04 has), works: BASE_IMAGE=python:3.11-slim gives a CPU-only image.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# `:-` as well: docker-compose passes BASE_IMAGE as an empty build arg when it is unset in the environment
+FROM ${BASE_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04}
+
+USER root
+# Python into its own venv (Debian and Ubuntu pythons are "externally managed"), and an unprivileged user.
+RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+      apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && python3 -m venv /opt/venv \
+ && groupadd --system --gid 10001 cxr \
+ && useradd --system --uid 10001 --gid cxr --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin cxr
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes, not on every code change.
+COPY pyproject.toml deploy/docker/requirements.py /tmp/build/
+RUN python /tmp/build/requirements.py inference /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
+ && pip install -r /tmp/build/requirements.txt "setuptools>=68" wheel \
+ && rm -rf /tmp/build
+
+# Our code: the ground floor (cxr/) and the services only; training/ (which needs torch) stays out.
+COPY pyproject.toml README.md /tmp/src/
+COPY cxr /tmp/src/cxr
+COPY services /tmp/src/services
+COPY deploy/docker/grpc_health_check.py /opt/cxr/grpc_health_check.py
+RUN pip install --no-deps --no-build-isolation /tmp/src \
+ && rm -rf /tmp/src \
+ && mkdir -p /models && chown cxr:cxr /models
+
+USER 10001:10001
+ENV CXR_INFERENCE_PORT=8001 CXR_INFERENCE_METRICS_PORT=8002 OMP_NUM_THREADS=2
+EXPOSE 8001 8002
+VOLUME ["/models"]
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
+  CMD python /opt/cxr/grpc_health_check.py "127.0.0.1:${CXR_INFERENCE_PORT}"
+ENTRYPOINT ["cxr"]
+CMD ["serve", "inference", "--repository", "/models"]
