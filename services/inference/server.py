@@ -1,0 +1,305 @@
+"""The inference service: KServe v2 / Triton `inference.GRPCInferenceService` over onnxruntime.
+
+Requests are validated against the model's config (datatype, shape, byte count), queued in the model version's
+dynamic batcher, computed in a thread pool (the event loop stays free), and answered with exactly their own rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from cxr.generated.inference import grpc_service_pb2 as pb
+from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from services.common.logging import log_request
+from services.common.serving import (
+    Readiness,
+    add_health_and_reflection,
+    create_server,
+    serve_until_terminated,
+    start_metrics_server,
+)
+from services.inference.config import InferenceSettings
+from services.inference.errors import InferenceError, unavailable
+from services.inference.metrics import InferenceMetrics
+from services.inference.model_manager import READY, ModelManager, ModelVersion
+from services.inference.tensors import classify, decode_inputs, decode_outputs, encode_output
+
+log = logging.getLogger("cxr.inference")
+
+SERVER_NAME = "cxr-inference"
+SERVER_VERSION = "0.1.0"
+# Triton's extension names for what we implement.
+EXTENSIONS = ["classification", "model_repository", "model_repository(unload_dependents)", "schedule_policy",
+              "model_configuration", "statistics"]
+UNKNOWN = "(unknown)"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The RPC handlers. Every accepted request gets exactly one answer: a response or a status with a message."""
+
+    def __init__(self, settings: InferenceSettings, manager: ModelManager, metrics: InferenceMetrics,
+                 readiness: Readiness):
+        self.settings = settings
+        self.manager = manager
+        self.metrics = metrics
+        self.readiness = readiness
+        self.draining = False
+        self.in_flight = 0
+
+    # ---- health and metadata -----------------------------------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.readiness.ready and not self.draining)
+
+    async def ModelReady(self, request, context):
+        if self.draining:
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            self.manager.resolve(request.name, request.version)
+        except InferenceError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        model = await self._resolve(request.name, request.version, context)
+        entry = self.manager.models[model.name]
+        response = pb.ModelMetadataResponse(name=model.name, versions=[str(v) for v in sorted(entry.versions)],
+                                            platform=model.config.platform or "onnxruntime_onnx")
+        for spec in model.inputs:
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.full_shape(model.max_batch_size))
+        for spec in model.outputs:
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.full_shape(model.max_batch_size))
+        return response
+
+    async def ModelConfig(self, request, context):
+        model = await self._resolve(request.name, request.version, context)
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(model.config)
+        return response
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            await self._resolve(request.name, request.version, context)  # NOT_FOUND / UNAVAILABLE as for infer
+        response = pb.ModelStatisticsResponse()
+        for model in self.manager.ready_versions():
+            if request.name and model.name != request.name:
+                continue
+            if request.version and str(model.version) != request.version:
+                continue
+            s = model.stats
+            out = response.model_stats.add(name=model.name, version=str(model.version),
+                                           last_inference=s.last_inference_ms, inference_count=s.inference_count,
+                                           execution_count=s.execution_count)
+            for field_name in ("success", "fail", "queue", "compute_infer"):
+                duration = getattr(s, field_name)
+                getattr(out.inference_stats, field_name).CopyFrom(pb.StatisticDuration(count=duration.count,
+                                                                                        ns=duration.ns))
+            for size, duration in sorted(s.batches.items()):
+                out.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=duration.count,
+                                                                                        ns=duration.ns))
+        return response
+
+    # ---- the model repository ----------------------------------------------------------------------------------
+
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.manager.index():
+            if request.ready and state != READY:
+                continue
+            response.models.add(name=name, version=version, state=state, reason=reason)
+        return response
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._check_explicit(context)
+        try:
+            await self.manager.load(request.model_name)
+        except InferenceError as e:
+            await context.abort(e.code, e.message)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._check_explicit(context)
+        try:
+            await self.manager.unload(request.model_name)
+        except InferenceError as e:
+            await context.abort(e.code, e.message)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _check_explicit(self, context) -> None:
+        if self.settings.model_control != "explicit":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            "model control mode is 'none': models cannot be loaded or unloaded at run time; "
+                            "start the server with --model-control explicit")
+
+    # ---- inference ---------------------------------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):
+        start = time.perf_counter()
+        try:
+            return await self._infer(request, context.time_remaining())
+        except InferenceError as e:
+            self._log(request, e.code.name, e.reason, start)
+            await context.abort(e.code, e.message)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Each request of the stream is answered on the stream, in completion order; a failed request answers
+        with error_message and the stream goes on. Requests run concurrently, so they batch with each other."""
+        answers: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(request):
+            start = time.perf_counter()
+            try:
+                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+            except InferenceError as e:
+                self._log(request, e.code.name, e.reason, start)
+                answer = pb.ModelStreamInferResponse(error_message=e.message)
+                answer.infer_response.id = request.id
+                answer.infer_response.model_name = request.model_name
+            await answers.put(answer)
+
+        async def read():
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks))
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
+        start = time.perf_counter()
+        try:
+            if self.draining or not self.readiness.ready:
+                raise unavailable("the inference server is shutting down or not ready yet; retry on another replica")
+            # No await between resolving the version and queueing in its batcher: a concurrent reload cannot
+            # retire the version in between, so a request that resolved a version runs on it.
+            model = self.manager.resolve(request.model_name, request.model_version)
+        except InferenceError as e:
+            # Labelled "(unknown)": a client must not be able to create metric series with names of its choice.
+            self.metrics.record_failure(UNKNOWN, UNKNOWN, e.reason)
+            raise
+        version = str(model.version)
+        labels = (model.name, version)
+        pending = self.metrics.pending.labels(*labels)
+        self.in_flight += 1
+        pending.inc()
+        try:
+            inputs, rows = decode_inputs(request, model.inputs, model.max_batch_size, model.name)
+            wanted = decode_outputs(request, model.outputs, len(model.labels), model.name)
+            timeout_us = 0
+            if "timeout" in request.parameters:
+                param = request.parameters["timeout"]
+                timeout_us = int(getattr(param, param.WhichOneof("parameter_choice") or "int64_param") or 0)
+            deadline = None if time_remaining is None else time.monotonic() + time_remaining
+            result = await model.batcher.infer(inputs, rows, {w.name for w in wanted}, deadline=deadline,
+                                               timeout_us=timeout_us)
+            response = self._response(request, model, wanted, result.outputs)
+        except InferenceError as e:
+            self._count_failure(model, e.reason, time.perf_counter() - start)
+            raise
+        except asyncio.CancelledError:
+            self._count_failure(model, "cancelled", time.perf_counter() - start)
+            raise
+        finally:
+            pending.dec()
+            self.in_flight -= 1
+        elapsed = time.perf_counter() - start
+        self.metrics.request_seconds.labels(*labels).observe(elapsed)
+        self.metrics.queue_seconds.labels(*labels).observe(result.queue_s)
+        self.metrics.success.labels(*labels).inc()
+        model.stats.success.add(elapsed)
+        model.stats.queue.add(result.queue_s)
+        self._log(request, "OK", None, start, model)
+        return response
+
+    def _response(self, request, model: ModelVersion, wanted, outputs) -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
+        response.parameters["model_sha256"].string_param = model.sha256
+        specs = {s.name: s for s in model.outputs}
+        for want in wanted:
+            array = outputs[want.name]
+            if want.classification:
+                encode_output(response, want.name, classify(array, want.classification, model.labels), "BYTES")
+            else:
+                encode_output(response, want.name, array, specs[want.name].datatype)
+        return response
+
+    def _count_failure(self, model: ModelVersion, reason: str, elapsed: float) -> None:
+        self.metrics.record_failure(model.name, str(model.version), reason)
+        model.stats.fail.add(elapsed)
+
+    async def _resolve(self, name: str, version: str, context) -> ModelVersion:
+        try:
+            return self.manager.resolve(name, version)
+        except InferenceError as e:
+            await context.abort(e.code, e.message)
+
+    def _log(self, request, code: str, reason: str | None, start: float, model: ModelVersion | None = None) -> None:
+        log_request(log, request_id=request.id, method="ModelInfer", model=request.model_name,
+                    version=str(model.version) if model else request.model_version, code=code, reason=reason,
+                    total_ms=round((time.perf_counter() - start) * 1e3, 2))
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking requests and wait until the accepted ones are answered."""
+        self.draining = True
+        while self.in_flight:
+            await asyncio.sleep(0.01)
+
+
+
+async def serve(settings: InferenceSettings, *, started: asyncio.Future | None = None,
+                stop_event: asyncio.Event | None = None) -> None:
+    """Run the service until SIGTERM/SIGINT (or `stop_event`). `started` receives (grpc port, metrics port)."""
+    metrics = InferenceMetrics()
+    # onnxruntime releases the GIL while it computes; the batcher bounds concurrent runs per model by its instances.
+    compute = ThreadPoolExecutor(max_workers=settings.compute_threads or 4, thread_name_prefix="onnxruntime")
+    manager = ModelManager(settings, metrics, compute)
+    server = create_server(settings.max_message_bytes)
+    readiness = add_health_and_reflection(server, [SERVICE_NAME])
+    await readiness.set(False)
+    service = InferenceService(settings, manager, metrics, readiness)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.host}:{settings.port} (in use?)")
+    metrics_port = start_metrics_server(settings.metrics_port, metrics.registry, settings.host)
+    await server.start()  # live at once (ServerLive), ready only once the models are loaded and warmed up
+    log.info("listening on %s:%d (metrics on %s); loading models from %s", settings.host, port,
+             metrics_port or "off", settings.repository)
+    await manager.start()
+    log.info("ready: %s", ", ".join(f"{n}:{v} {s}" + (f" ({r})" if r else "") for n, v, s, r in manager.index()))
+    await readiness.set(True)
+    if started is not None and not started.done():
+        started.set_result((port, metrics_port))
+    try:
+        await serve_until_terminated(server, readiness, grace_period_s=settings.grace_period_s,
+                                     drain_delay_s=settings.drain_delay_s, drain=service.drain,
+                                     stop_event=stop_event)
+    finally:
+        await manager.close(timeout=1.0)
+        compute.shutdown(wait=False, cancel_futures=True)
