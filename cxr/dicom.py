@@ -18,6 +18,7 @@ from cxr.imaging import DecodedImage, ImageError, ImageLimits, _to_uint8
 # ViewPosition values (DICOM CS) that mean a lateral projection; our models were trained on frontal views.
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LL_DECUBITUS", "RL_DECUBITUS"}
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 
 
 def _pydicom():
@@ -39,6 +40,8 @@ def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     except Exception as exc:
         raise _parse_error(exc) from None
     if "PixelData" not in ds:
+        if _PIXEL_DATA_TAG in data:  # the element starts but was cut off (pydicom drops it at end of file)
+            raise ImageError("truncated", "DICOM file is truncated inside the pixel data")
         raise ImageError("no_pixel_data", "DICOM has no pixel data (PixelData element missing): nothing to classify")
     if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
         # ACR-NEMA style files without meta: the data is implicit VR little endian
@@ -46,10 +49,15 @@ def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     _check_header(ds, limits)
     transfer_syntax = ds.file_meta.TransferSyntaxUID
+    if not transfer_syntax.is_transfer_syntax:
+        raise ImageError("unsupported_transfer_syntax", f"DICOM TransferSyntaxUID {str(transfer_syntax)[:64]!r} is not a known transfer syntax")
     if transfer_syntax.is_compressed:
         _check_codestream(ds, limits)
     else:
         _check_native_length(ds)
+    if transfer_syntax == pydicom.uid.JPEGBaseline8Bit:
+        # Pillow refuses corrupt 8-bit JPEG; the fallback plugin (libjpeg) would decode it into garbage
+        ds.pixel_array_options(decoding_plugin="pillow")
     try:
         arr = ds.pixel_array
     except Exception as exc:
@@ -59,13 +67,18 @@ def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     notices: list[str] = []
     try:
         arr = apply_modality_lut(arr, ds).astype(np.float64)
-        if "VOILUTSequence" in ds or "WindowCenter" in ds:
-            windowed = apply_voi_lut(arr, ds).astype(np.float64)
-            if np.isfinite(windowed).all():
-                arr = windowed
-                notices.append("DICOM VOI LUT/window applied")
     except Exception as exc:
-        raise ImageError("corrupt", f"cannot apply the DICOM rescale/window: {_short(exc)}") from None
+        raise ImageError("corrupt", f"cannot apply the DICOM rescale (RescaleSlope/RescaleIntercept/LUT): {_short(exc)}") from None
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        try:
+            windowed = apply_voi_lut(arr, ds).astype(np.float64)
+        except Exception:
+            windowed = None  # an unusable window (e.g. width 0): fall back to the full range below
+        if windowed is not None and np.isfinite(windowed).all():
+            arr = windowed
+            notices.append("DICOM VOI LUT/window applied")
+        else:
+            notices.append("DICOM window unusable: ignored, full pixel range used")
     if not np.isfinite(arr).all():
         raise ImageError("corrupt", "DICOM rescale produced non-finite pixel values (check RescaleSlope/RescaleIntercept)")
     pixels = _to_uint8(arr, float(arr.min()), float(arr.max()))
@@ -158,6 +171,10 @@ def _check_codestream(ds, limits: ImageLimits) -> None:
         raise ImageError("corrupt", f"DICOM encapsulated pixel data is malformed: {_short(exc)}") from None
     if not frame:
         raise ImageError("no_pixel_data", "DICOM encapsulated pixel data holds an empty frame")
+    # JPEG and JPEG 2000 codestreams end with FFD9 (EOI / EOC), before the even-length padding. libjpeg
+    # decodes a cut-off codestream without complaint, so a truncated frame is caught here.
+    if frame[:2] in (b"\xff\xd8", b"\xff\x4f") and not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ImageError("truncated", f"DICOM {uid.name} frame is truncated (no end-of-image marker)")
     size = _codestream_size(frame)
     if size is None:
         return

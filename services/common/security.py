@@ -1,0 +1,112 @@
+"""TLS / mutual TLS credentials and bearer-token authentication, for every cxr gRPC server and client.
+
+- `server_credentials(cert, key, client_ca)`: TLS on a server port; with `client_ca` the server requires and
+  verifies a client certificate (mutual TLS).
+- `channel_credentials(ca, cert, key)`: the client side; `cert` + `key` present a client certificate.
+- `TokenAuthInterceptor`: every call must carry `authorization: Bearer <token>` metadata with one of the
+  configured tokens, else UNAUTHENTICATED. The health service is exempt, so load balancers and
+  `grpc_health_probe` work without a token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _read(path: str | Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def server_credentials(
+    cert_file: str | Path, key_file: str | Path, client_ca_file: str | Path | None = None
+) -> grpc.ServerCredentials:
+    """TLS for a server port; mutual TLS (client certificate required and verified) when `client_ca_file` is set."""
+    return grpc.ssl_server_credentials(
+        [(_read(key_file), _read(cert_file))],
+        root_certificates=_read(client_ca_file),
+        require_client_auth=client_ca_file is not None,
+    )
+
+
+def channel_credentials(
+    ca_file: str | Path | None = None, cert_file: str | Path | None = None, key_file: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS for a client channel: `ca_file` verifies the server (system roots when None); cert+key for mutual TLS."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs both the certificate and its key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file), private_key=_read(key_file), certificate_chain=_read(cert_file)
+    )
+
+
+def load_tokens(token_file: str | Path | None = None, tokens: str | Iterable[str] = "") -> frozenset[str]:
+    """Accepted tokens: one per line in `token_file` (blank lines and # comments ignored) plus `tokens`
+    (a comma-separated string, as it comes from an environment variable, or a list)."""
+    found: set[str] = set()
+    if token_file:
+        for line in Path(token_file).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                found.add(line)
+    if isinstance(tokens, str):
+        tokens = tokens.split(",")
+    found.update(t.strip() for t in tokens if t.strip())
+    return frozenset(found)
+
+
+def bearer_metadata(token: str | None = None, env: str = "CXR_TOKEN") -> list[tuple[str, str]]:
+    """Client call metadata carrying a bearer token (from `token` or the environment variable `env`)."""
+    token = token or os.environ.get(env, "")
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call without a valid bearer token with UNAUTHENTICATED; health checks are exempt."""
+
+    def __init__(self, tokens: Iterable[str], exempt_prefixes: tuple[str, ...] = (HEALTH_PREFIX,)):
+        self._tokens = [t.encode() for t in tokens]
+        if not self._tokens:
+            raise ValueError("token authentication needs at least one token")
+        self._exempt = exempt_prefixes
+
+    def _authorized(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key.lower() != "authorization":
+                continue
+            scheme, _, token = (value if isinstance(value, str) else value.decode()).partition(" ")
+            if scheme.lower() != "bearer":
+                return False
+            given = token.strip().encode()
+            # compare against every token in constant time, so timing does not reveal a prefix
+            return any([hmac.compare_digest(given, t) for t in self._tokens])
+        return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if method.startswith(self._exempt) or self._authorized(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return _refusing(handler) if handler is not None else None
+
+
+async def _unauthenticated(request_or_iterator, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED without reading the request."""
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(_unauthenticated, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_unauthenticated, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_unauthenticated, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(_unauthenticated, **kwargs)
