@@ -1,0 +1,388 @@
+"""The cxr.v1 gateway: decode the image, resize it to the model's input, ask the inference service, answer.
+
+One request = one answer (a response or a status), one log line and one count in the request metrics.
+CPU-bound decoding runs on a small thread pool so the event loop keeps answering other calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from cxr.generated.cxr.v1 import gateway_pb2 as pb
+from cxr.generated.cxr.v1 import gateway_pb2_grpc as pb_grpc
+from cxr.imaging import DecodedImage, ImageError, ImageLimits, read_image, resize_for_model
+from services.common.logging import log_request
+from services.gateway.config import GatewaySettings
+from services.gateway.heatmap import overlay_png
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.upstream import InferenceClient, InferResult, ModelSpec, UpstreamError
+
+log = logging.getLogger("cxr.gateway")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name  # "cxr.v1.Gateway"
+NOT_FOR_CLINICAL_USE = "not for clinical use: research software, not a medical device"
+SYNTHETIC_DEMO = "synthetic demo model: trained on generated phantoms, its answers say nothing about a radiograph"
+FORMATS = {
+    pb.IMAGE_FORMAT_UNSPECIFIED: None,
+    pb.IMAGE_FORMAT_DICOM: "dicom",
+    pb.IMAGE_FORMAT_PNG: "png",
+    pb.IMAGE_FORMAT_JPEG: "jpeg",
+}
+# Beyond the configured size limits is "too large" (as gRPC's own message limit answers); other reader refusals are bad input.
+SIZE_REASONS = {"too_large", "too_many_pixels"}
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_VERSION = re.compile(r"^[0-9]{0,18}$")
+
+
+class ClassifyError(Exception):
+    """A refusal: the status code and message the caller gets, and a short reason for logs and metrics."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = ""):
+        super().__init__(message)
+        self.code, self.message, self.reason = code, message, reason or code.name.lower()
+
+
+@dataclass
+class _Trace:
+    """What one request's log line and metrics record (our own values only: no identifiers, no pixels)."""
+
+    method: str
+    request_id: str
+    model: str = "-"
+    version: str = ""
+    code: str = "OK"
+    reason: str | None = None
+    format: str | None = None
+    input_bytes: int = 0
+    width: int | None = None
+    height: int | None = None
+    ms: dict[str, float] = field(default_factory=dict)
+    top_class: str | None = None
+    notices: int | None = None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class GatewayService(pb_grpc.GatewayServicer):
+    def __init__(self, settings: GatewaySettings, upstream: InferenceClient, metrics: GatewayMetrics):
+        self.settings = settings
+        self.upstream = upstream
+        self.metrics = metrics
+        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.executor = ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="decode")
+        self._in_flight = 0
+
+    # ---- RPCs -------------------------------------------------------------------------------------
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        try:
+            return await self._classify(request, context.time_remaining(), "Classify")
+        except ClassifyError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def ClassifyStream(self, request_iterator, context) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        """Up to `stream_window` requests in progress at once; answers go back in request order."""
+        window: asyncio.Queue = asyncio.Queue(maxsize=max(1, self.settings.stream_window))
+
+        async def feed() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.put(asyncio.create_task(self._classify_item(request, context)))
+            finally:
+                await window.put(None)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            while (task := await window.get()) is not None:
+                yield await task
+            await feeder  # surfaces an error in reading the request stream
+        finally:
+            feeder.cancel()
+            while not window.empty():
+                pending = window.get_nowait()
+                if pending is not None:
+                    pending.cancel()
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        deadline = self._deadline(context.time_remaining())
+        try:
+            names = await self.upstream.model_names(deadline)
+        except UpstreamError as exc:
+            if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                await context.abort(exc.code, exc.message)
+            names = {self.settings.default_model: []}  # an upstream without the repository index extension
+        response = pb.ListModelsResponse()
+        for name in sorted(names):
+            info = response.models.add(name=name, is_default=name == self.settings.default_model)
+            info.ready = await self.upstream.model_ready(name, deadline)
+            try:
+                spec = await self.upstream.model(name, "", deadline)
+            except UpstreamError:
+                spec = None
+            versions = list(spec.versions) if spec and spec.versions else names[name]
+            info.versions.extend(sorted(set(versions), key=lambda v: (len(v), v)))
+            if spec:
+                info.classes.extend(spec.classes)
+                info.input_size = spec.input_size
+                info.synthetic_demo = spec.synthetic_demo
+                info.architecture = spec.architecture
+            card = self._model_card(name, info.versions[-1] if info.versions else "")
+            for key, value in _numbers(card.get("metrics", {})).items():
+                info.metrics[key] = value
+        return response
+
+    # ---- one classification ------------------------------------------------------------------------
+    async def _classify_item(self, request: pb.ClassifyRequest, context) -> pb.ClassifyStreamResponse:
+        try:
+            response = await self._classify(request, context.time_remaining(), "ClassifyStream")
+            return pb.ClassifyStreamResponse(request_id=response.request_id, response=response)
+        except ClassifyError as exc:
+            error = pb.Error(code=exc.code.value[0], code_name=exc.code.name, message=exc.message, reason=exc.reason)
+            return pb.ClassifyStreamResponse(request_id=request.request_id, error=error)
+
+    def _deadline(self, time_remaining: float | None) -> float:
+        """Monotonic deadline: the caller's, or `request_timeout_s` when the caller set none."""
+        budget = self.settings.request_timeout_s if time_remaining is None else time_remaining
+        return time.monotonic() + budget
+
+    async def _classify(self, request: pb.ClassifyRequest, time_remaining: float | None, method: str) -> pb.ClassifyResponse:
+        started = time.perf_counter()
+        trace = _Trace(method=method, request_id=request.request_id or uuid.uuid4().hex, input_bytes=len(request.image))
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            if self._in_flight > self.settings.max_in_flight:
+                raise ClassifyError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is busy ({self.settings.max_in_flight} requests in progress): retry later", "busy")
+            response = await self._run(request, trace, self._deadline(time_remaining))
+            trace.ms["total_ms"] = _ms(time.perf_counter() - started)
+            response.timings.total_ms = trace.ms["total_ms"]
+            return response
+        except ClassifyError as exc:
+            trace.code, trace.reason = exc.code.name, exc.reason
+            raise
+        except asyncio.CancelledError:
+            trace.code = "CANCELLED"
+            raise
+        except Exception as exc:  # a bug of ours: answered INTERNAL, logged by type only (messages may quote input)
+            trace.code, trace.reason = "INTERNAL", type(exc).__name__
+            log.error("internal error", extra={"fields": {"request_id": trace.request_id, "exc_type": type(exc).__name__}})
+            raise ClassifyError(grpc.StatusCode.INTERNAL, f"internal gateway error ({type(exc).__name__})", "internal") from None
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.dec()
+            self._record(trace, time.perf_counter() - started)
+
+    async def _run(self, request: pb.ClassifyRequest, trace: _Trace, deadline: float) -> pb.ClassifyResponse:
+        if request.format not in FORMATS:
+            raise ClassifyError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown image format value {request.format}", "bad_format")
+        name = request.model_name or self.settings.default_model
+        version = request.model_version
+        if not MODEL_NAME.match(name):
+            raise ClassifyError(grpc.StatusCode.INVALID_ARGUMENT, "model_name must be 1-128 letters, digits, '_', '.' or '-'", "bad_model_name")
+        if not MODEL_VERSION.match(version):
+            raise ClassifyError(grpc.StatusCode.INVALID_ARGUMENT, "model_version must be empty or a number", "bad_model_version")
+
+        # decode first: a bad image is refused as such whatever the upstream's state
+        loop = asyncio.get_running_loop()
+        decoded, decode_s = await loop.run_in_executor(self.executor, self._decode, request.image, FORMATS[request.format])
+        trace.format, (trace.height, trace.width) = decoded.format, decoded.pixels.shape
+        trace.ms["decode_ms"] = _ms(decode_s)
+        self.metrics.decode_seconds.labels(decoded.format).observe(decode_s)
+        self.metrics.input_bytes.labels(decoded.format).observe(len(request.image))
+        self.metrics.input_pixels.labels(decoded.format).observe(decoded.pixels.size)
+
+        spec = await self._upstream(self.upstream.model(name, version, deadline))
+        trace.model = spec.name
+        pixels, preprocess_s = await loop.run_in_executor(self.executor, _timed_resize, decoded.pixels, spec.input_size)
+        trace.ms["preprocess_ms"] = _ms(preprocess_s)
+        self.metrics.preprocess_seconds.observe(preprocess_s)
+
+        upstream_started = time.perf_counter()
+        result = await self._upstream(self.upstream.infer(spec, version, pixels, request.return_heatmap, trace.request_id, deadline))
+        upstream_s = time.perf_counter() - upstream_started
+        trace.version, trace.ms["upstream_ms"] = result.model_version, _ms(upstream_s)
+        self.metrics.upstream_seconds.labels(spec.name).observe(upstream_s)
+        response = self._response(request, trace, spec, decoded, result)
+        response.timings.decode_ms, response.timings.preprocess_ms = trace.ms["decode_ms"], trace.ms["preprocess_ms"]
+        response.timings.inference_ms = trace.ms["upstream_ms"]
+        if request.return_heatmap:
+            if result.cam is None:
+                response.notices.append("heatmap not available: this model has no class activation output")
+            else:
+                cam = result.cam[spec.classes.index(response.top_class)]
+                png = await loop.run_in_executor(self.executor, overlay_png, decoded.pixels, cam)
+                response.heatmap.CopyFrom(pb.Heatmap(label=response.top_class, png=png, height=cam.shape[0], width=cam.shape[1], values=cam.reshape(-1).tolist()))
+        trace.top_class, trace.notices = response.top_class, len(response.notices)
+        return response
+
+    def _decode(self, data: bytes, fmt: str | None) -> tuple[DecodedImage, float]:
+        started = time.perf_counter()
+        try:
+            decoded = read_image(data, fmt, self.limits)
+        except ImageError as exc:
+            self.metrics.image_errors.labels(exc.reason).inc()
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.reason in SIZE_REASONS else grpc.StatusCode.INVALID_ARGUMENT
+            raise ClassifyError(code, f"image refused ({exc.reason}): {exc}", exc.reason) from None
+        return decoded, time.perf_counter() - started
+
+    async def _upstream(self, call):
+        try:
+            return await call
+        except UpstreamError as exc:
+            reason = "upstream_" + exc.code.name.lower()
+            raise ClassifyError(exc.code, exc.message, reason) from None
+
+    def _response(self, request, trace: _Trace, spec: ModelSpec, decoded: DecodedImage, result: InferResult) -> pb.ClassifyResponse:
+        probabilities = result.probabilities
+        top = int(np.argmax(probabilities))
+        response = pb.ClassifyResponse(
+            request_id=trace.request_id,
+            identifiers=request.identifiers,  # echoed untouched
+            top_class=spec.classes[top],
+            top_probability=float(probabilities[top]),
+            model_name=spec.name,
+            model_version=result.model_version,
+            model_sha256=result.model_sha256 or str(self._model_card(spec.name, result.model_version).get("sha256", "")),
+            image_format=decoded.format,
+        )
+        for label, p in zip(spec.classes, probabilities):
+            response.classes.add(label=label, probability=float(p))
+        response.notices.extend(decoded.notices)
+        if spec.synthetic_demo:
+            response.notices.append(SYNTHETIC_DEMO)
+        response.notices.append(NOT_FOR_CLINICAL_USE)
+        return response
+
+    def _model_card(self, name: str, version: str) -> dict:
+        """The model card from a repository the gateway can read (optional: empty when there is none)."""
+        if not self.settings.model_repository or not version.isdigit():
+            return {}
+        from cxr.repository import RepositoryError, read_model_card
+
+        try:
+            return read_model_card(self.settings.model_repository / name / version)
+        except (RepositoryError, OSError, ValueError):
+            return {}
+
+    def _record(self, trace: _Trace, total_s: float) -> None:
+        self.metrics.requests.labels(trace.model, trace.version, trace.code).inc()
+        self.metrics.request_seconds.labels(trace.model).observe(total_s)
+        if trace.code == "OK" and trace.top_class:
+            self.metrics.predictions.labels(trace.model, trace.top_class).inc()
+        trace.ms.setdefault("total_ms", _ms(total_s))
+        log_request(
+            log,
+            request_id=trace.request_id, method=trace.method, model=trace.model, version=trace.version,
+            code=trace.code, reason=trace.reason, format=trace.format, input_bytes=trace.input_bytes,
+            width=trace.width, height=trace.height, top_class=trace.top_class, notices=trace.notices, **trace.ms,
+        )
+
+
+def _timed_resize(pixels: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    resized = resize_for_model(pixels, size)
+    return resized, time.perf_counter() - started
+
+
+def _numbers(tree, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) model-card dict as {"a.b": value}."""
+    found: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            found.update(_numbers(value, f"{prefix}{key}."))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool) and np.isfinite(tree):
+        found[prefix.rstrip(".")] = float(tree)
+    return found
+
+
+# ---- the server process ----------------------------------------------------------------------------
+class Gateway:
+    """A running gateway: the gRPC server (health, reflection, optional TLS and token auth), its upstream
+    client, and the /metrics endpoint. Readiness (grpc.health.v1) follows the inference service's."""
+
+    def __init__(self, settings: GatewaySettings):
+        from services.common.security import TokenAuthInterceptor, load_tokens, server_credentials
+        from services.common.serving import add_health_and_reflection
+
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.upstream = InferenceClient(settings, on_readiness=self._on_readiness)
+        self.service = GatewayService(settings, self.upstream, self.metrics)
+        tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
+        limit = settings.max_image_bytes + 64 * 1024  # the image plus the request's other fields
+        # our own grpc.aio.server (not serving.create_server): the token interceptor must be installed at creation
+        self.server = grpc.aio.server(
+            interceptors=[TokenAuthInterceptor(tokens)] if tokens else [],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_GatewayServicer_to_server(self.service, self.server)
+        self.readiness = add_health_and_reflection(self.server, [SERVICE_NAME])
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls_cert and settings.tls_key:
+            credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        self.security = {"tls": bool(settings.tls_cert), "mtls": bool(settings.tls_client_ca), "token_auth": bool(tokens)}
+        self.metrics_port = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    def _on_readiness(self, ready: bool) -> None:
+        self.metrics.upstream_ready.set(1 if ready else 0)
+        if ready != self.readiness.ready:
+            task = asyncio.get_running_loop().create_task(self.readiness.set(ready))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        from services.common.serving import start_metrics_server
+
+        await self.readiness.set(False)
+        self.metrics_port = start_metrics_server(self.settings.metrics_port, self.metrics.registry, self.settings.host)
+        await self.server.start()
+        await self.upstream.start()
+        await self.readiness.set(self.upstream.ready)
+        log.info("gateway listening", extra={"fields": {
+            "port": self.port, "metrics_port": self.metrics_port, "inference": self.settings.inference,
+            "upstream_ready": self.upstream.ready, **self.security}})
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait until the requests in progress are answered (the server refuses new ones meanwhile)."""
+        deadline = time.monotonic() + grace_s
+        while self.service._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        await self.upstream.close()
+        self.service.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve(settings: GatewaySettings, started: asyncio.Future | None = None, stop_event: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop_event`); `started` gets (grpc port, metrics port) once listening."""
+    from services.common.serving import serve_until_terminated
+
+    gateway = Gateway(settings)
+    await gateway.start()
+    if started is not None and not started.done():
+        started.set_result((gateway.port, gateway.metrics_port))
+    try:
+        await serve_until_terminated(
+            gateway.server, gateway.readiness, grace_period_s=settings.shutdown_grace_s, drain=gateway.drain, stop_event=stop_event
+        )
+    finally:
+        await gateway.close()

@@ -1,0 +1,293 @@
+"""KServe v2 (Open Inference Protocol) gRPC client to the inference service: ours or NVIDIA Triton.
+
+- Model metadata (input name and size, classes, demo flag) comes from ModelMetadata + ModelConfig and is
+  cached for `metadata_ttl_s`, then fetched again.
+- Images travel as uint8 `[1, 1, H, W]` in `raw_input_contents` (about 50 KB at 224x224).
+- Every call carries a deadline (the caller's remaining time); UNAVAILABLE is retried with exponential
+  backoff while that deadline allows, and no other code is retried.
+- A background loop polls ServerReady; `ready` is false while the service is down, and the channel's
+  reconnect backoff is capped so readiness comes back within about a second of the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from cxr.generated.inference import grpc_service_pb2 as pb
+from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from services.common.security import bearer_metadata, channel_credentials
+from services.gateway.config import GatewaySettings
+
+log = logging.getLogger("cxr.gateway.upstream")
+
+PROBABILITIES, CAM = "probabilities", "cam"
+# Status codes passed through to the gateway's caller as they are; anything else is the gateway's INTERNAL.
+PASSED_THROUGH = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class UpstreamError(Exception):
+    """An upstream failure, already mapped to the status code the gateway answers with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the gateway needs to know about one model (version) to call it and explain its answer."""
+
+    name: str
+    versions: tuple[str, ...]
+    input_name: str
+    input_size: int
+    classes: tuple[str, ...]
+    outputs: frozenset[str]
+    synthetic_demo: bool = False
+    architecture: str = ""
+    fetched_at: float = field(default_factory=time.monotonic, compare=False)
+
+
+@dataclass
+class InferResult:
+    probabilities: np.ndarray  # float32 [C]
+    cam: np.ndarray | None  # float32 [C, h, w]
+    model_version: str
+    model_sha256: str
+
+
+def _parameter(config, key: str) -> str:
+    param = config.parameters.get(key)
+    return param.string_value if param is not None else ""
+
+
+def _square_size(shape) -> int:
+    dims = [int(d) for d in shape]
+    if len(dims) >= 2 and dims[-1] == dims[-2] and dims[-1] > 0:
+        return dims[-1]
+    return 0
+
+
+class InferenceClient:
+    def __init__(self, settings: GatewaySettings, on_readiness: Callable[[bool], None] | None = None):
+        self.settings = settings
+        self.ready = False
+        self._on_readiness = on_readiness
+        self._cache: dict[tuple[str, str], ModelSpec] = {}
+        self._metadata = bearer_metadata(settings.upstream_token) if settings.upstream_token else []
+        limit = max(settings.max_image_bytes, 16 * 1024 * 1024) + 1024 * 1024
+        options = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            # reconnect quickly once the inference service is back (the default backoff grows to 2 minutes)
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if settings.upstream_tls or settings.upstream_ca or settings.upstream_cert:
+            creds = channel_credentials(settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
+            self._channel = grpc.aio.secure_channel(settings.inference, creds, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(settings.inference, options=options)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._poller: asyncio.Task | None = None
+        self.retries = 0  # UNAVAILABLE retries made (a counter for metrics)
+
+    # ---- lifecycle and readiness -------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.check_ready()
+        self._poller = asyncio.create_task(self._poll_readiness())
+
+    async def close(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+        await self._channel.close()
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready != self.ready:
+            log.info("inference service readiness changed", extra={"fields": {"ready": ready, "target": self.settings.inference}})
+        self.ready = ready
+        if self._on_readiness:
+            self._on_readiness(ready)
+
+    async def check_ready(self) -> bool:
+        try:
+            resp = await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0, metadata=self._metadata)
+            ready = bool(resp.ready)
+        except grpc.aio.AioRpcError:
+            ready = False
+        self._set_ready(ready)
+        return ready
+
+    async def _poll_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.readiness_interval_s)
+            await self.check_ready()
+
+    # ---- calls with deadline and retry -------------------------------------------------------------
+    async def _call(self, method, request, deadline: float):
+        """Call `method` before the monotonic `deadline`, retrying UNAVAILABLE with exponential backoff."""
+        backoff = self.settings.upstream_backoff_s
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the inference call")
+            try:
+                return await method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE and not _means_unknown_model(exc.details()):
+                    self._set_ready(False)
+                    if attempt < self.settings.upstream_retries and deadline - time.monotonic() > backoff:
+                        attempt += 1
+                        self.retries += 1
+                        await asyncio.sleep(backoff)
+                        backoff *= 2
+                        continue
+                raise _mapped(exc, self.settings.inference) from None
+
+    # ---- model metadata ----------------------------------------------------------------------------
+    async def model(self, name: str, version: str, deadline: float) -> ModelSpec:
+        """Metadata of `name` (version "" = the newest ready one), from the cache while fresh."""
+        key = (name, version)
+        cached = self._cache.get(key)
+        if cached and time.monotonic() - cached.fetched_at < self.settings.metadata_ttl_s:
+            return cached
+        meta = await self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=name, version=version), deadline)
+        try:
+            config = (await self._call(self._stub.ModelConfig, pb.ModelConfigRequest(name=name, version=version), deadline)).config
+        except UpstreamError as exc:
+            if exc.code != grpc.StatusCode.INTERNAL:
+                raise
+            config = None  # a plain KServe server without Triton's ModelConfig extension
+        images = [t for t in meta.inputs if t.datatype == "UINT8"] or list(meta.inputs)
+        if not images:
+            raise UpstreamError(grpc.StatusCode.FAILED_PRECONDITION, f"model {name!r} declares no input tensor")
+        size = 0
+        if config is not None and _parameter(config, "cxr.image_size").isdigit():
+            size = int(_parameter(config, "cxr.image_size"))
+        size = size or _square_size(images[0].shape)
+        if not size:
+            raise UpstreamError(grpc.StatusCode.FAILED_PRECONDITION, f"model {name!r} has no square image input (shape {list(images[0].shape)})")
+        classes = [c.strip() for c in _parameter(config, "cxr.classes").split(",") if c.strip()] if config is not None else []
+        outputs = frozenset(t.name for t in meta.outputs)
+        if PROBABILITIES not in outputs:
+            raise UpstreamError(grpc.StatusCode.FAILED_PRECONDITION, f"model {name!r} has no {PROBABILITIES!r} output")
+        if not classes:
+            width = next(t.shape[-1] for t in meta.outputs if t.name == PROBABILITIES)
+            classes = [f"class_{i}" for i in range(max(int(width), 0))]
+        spec = ModelSpec(
+            name=meta.name or name,
+            versions=tuple(meta.versions),
+            input_name=images[0].name,
+            input_size=size,
+            classes=tuple(classes),
+            outputs=outputs,
+            synthetic_demo=config is not None and _parameter(config, "cxr.synthetic_demo").lower() == "true",
+            architecture=_parameter(config, "cxr.architecture") if config is not None else "",
+        )
+        self._cache[key] = spec
+        return spec
+
+    async def model_ready(self, name: str, deadline: float) -> bool:
+        try:
+            return bool((await self._call(self._stub.ModelReady, pb.ModelReadyRequest(name=name), deadline)).ready)
+        except UpstreamError:
+            return False
+
+    async def model_names(self, deadline: float) -> dict[str, list[str]]:
+        """Model name -> versions, from the repository index (a Triton extension our service also serves)."""
+        index = await self._call(self._stub.RepositoryIndex, pb.RepositoryIndexRequest(), deadline)
+        names: dict[str, list[str]] = {}
+        for entry in index.models:
+            versions = names.setdefault(entry.name, [])
+            if entry.version and entry.version not in versions:
+                versions.append(entry.version)
+        return names
+
+    # ---- inference ---------------------------------------------------------------------------------
+    async def infer(self, spec: ModelSpec, version: str, pixels: np.ndarray, want_cam: bool, request_id: str, deadline: float) -> InferResult:
+        """Classify one uint8 [H, W] image already resized to the model's input."""
+        request = pb.ModelInferRequest(model_name=spec.name, model_version=version, id=request_id)
+        tensor = request.inputs.add()
+        tensor.name, tensor.datatype = spec.input_name, "UINT8"
+        tensor.shape.extend([1, 1, *pixels.shape])
+        request.raw_input_contents.append(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+        request.outputs.add().name = PROBABILITIES
+        if want_cam and CAM in spec.outputs:
+            request.outputs.add().name = CAM
+        response = await self._call(self._stub.ModelInfer, request, deadline)
+        tensors = _output_tensors(response)
+        if PROBABILITIES not in tensors:
+            raise UpstreamError(grpc.StatusCode.INTERNAL, "the inference response has no probabilities")
+        probabilities = tensors[PROBABILITIES].reshape(-1)
+        if probabilities.size != len(spec.classes):
+            raise UpstreamError(
+                grpc.StatusCode.INTERNAL,
+                f"model {spec.name!r} returned {probabilities.size} probabilities for {len(spec.classes)} classes",
+            )
+        cam = tensors.get(CAM)
+        if cam is not None:
+            cam = cam.reshape(cam.shape[-3:])
+        sha = response.parameters.get("model_sha256")
+        return InferResult(
+            probabilities=probabilities.astype(np.float32),
+            cam=cam,
+            model_version=response.model_version or version,
+            model_sha256=sha.string_param if sha is not None else "",
+        )
+
+
+_NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
+
+
+def _output_tensors(response) -> dict[str, np.ndarray]:
+    """Output tensors by name, from raw_output_contents (parallel to outputs) or typed contents."""
+    result = {}
+    for i, tensor in enumerate(response.outputs):
+        dtype = _NUMPY.get(tensor.datatype)
+        if dtype is None:
+            continue
+        shape = [int(d) for d in tensor.shape]
+        if i < len(response.raw_output_contents):
+            arr = np.frombuffer(response.raw_output_contents[i], dtype=dtype)
+        else:
+            arr = np.asarray(tensor.contents.fp32_contents or tensor.contents.fp64_contents, dtype=dtype)
+        if arr.size != int(np.prod(shape)):
+            raise UpstreamError(grpc.StatusCode.INTERNAL, f"output {tensor.name!r} holds {arr.size} values for shape {shape}")
+        result[tensor.name] = arr.reshape(shape).astype(np.float32)
+    return result
+
+
+def _means_unknown_model(details: str | None) -> bool:
+    """Triton answers an unknown model with UNAVAILABLE 'Request for unknown model ...': that is NOT_FOUND."""
+    text = (details or "").lower()
+    return "unknown model" in text or ("not found" in text and "model" in text)
+
+
+def _mapped(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and _means_unknown_model(details):
+        return UpstreamError(grpc.StatusCode.NOT_FOUND, details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return UpstreamError(code, f"inference service at {target} is unavailable: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "version" in details.lower():
+        return UpstreamError(grpc.StatusCode.NOT_FOUND, details)  # some servers answer an unknown version so
+    if code in PASSED_THROUGH:
+        return UpstreamError(code, details)
+    return UpstreamError(grpc.StatusCode.INTERNAL, f"inference service error {code.name}: {details}")
