@@ -30,6 +30,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow and not docker"
 
+## The deployment tests alone (compose stack for real, needs an engine: eval "$(../shared/tools/docker-local.sh)")
+test-docker: $(STAMP)
+	$(BIN)/python -m pytest tests/deploy
+
 bench: $(STAMP)
 	$(BIN)/python bench/inference_throughput.py
 	$(BIN)/python bench/gateway_throughput.py
