@@ -41,3 +41,16 @@ def cxr_raw_dir() -> Path:
 def dicom_dir() -> Path:
     """Real chest DICOM files (CXR_DICOM_DATA)."""
     return _data_dir("CXR_DICOM_DATA", SHARED_DATA / "dicom")
+
+
+@pytest.fixture(scope="session")
+def trained_repository(cxr_raw_dir, tmp_path_factory) -> Path:
+    """A real Triton-layout model repository, trained once per session on 30 real radiographs per class (64x64,
+    1 epoch) and exported by training's own exporter: custom_cnn versions 1 and 2, mobilenet 1, resnet50 1,
+    ensemble 1 (custom_cnn v1 + mobilenet + resnet50). See training/testing.py. About 1-2 minutes of CPU."""
+    import importlib.util
+
+    require(importlib.util.find_spec("torch") is not None, "torch (the [train] extra) is needed to build the test models")
+    from training.testing import build_test_repository
+
+    return build_test_repository(cxr_raw_dir, tmp_path_factory.mktemp("trained"))

@@ -1,0 +1,64 @@
+"""`cxr evaluate RUN_DIR [RUN_DIR ...]`: metrics, calibration, plots and a comparison table (see training/evaluate.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run folder(s) from `cxr train`; a folder from `--arch all` means each run inside it")
+    parser.add_argument("--data", default=None, help="image folder, if it moved since training (paths in split.csv are relative)")
+    parser.add_argument("--ensemble", action="store_true", help="also evaluate the mean of the runs' calibrated probabilities")
+    parser.add_argument("--table", default=None, help="where to write the markdown comparison (default: comparison.md beside the runs)")
+
+
+def expand_runs(paths: list[str]):
+    """Run folders: each path that has config.json, else its sub-folders that do."""
+    from pathlib import Path
+
+    runs = []
+    for p in map(Path, paths):
+        if (p / "config.json").is_file():
+            runs.append(p)
+        else:
+            inside = sorted(d for d in p.iterdir() if (d / "config.json").is_file()) if p.is_dir() else []
+            if not inside:
+                raise SystemExit(f"{p}: not a training run (no config.json) and no runs inside it")
+            runs.extend(inside)
+    return runs
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from training.evaluate import comparison_table, evaluate_ensemble, evaluate_run
+    from training.train import setup_logging
+
+    runs = expand_runs(args.runs)
+    common = Path(os.path.commonpath([str(r.resolve()) for r in runs]))
+    if len(runs) > 1 and common in [r.resolve() for r in runs]:
+        common = common.parent
+    elif len(runs) > 1 or not (common / "config.json").is_file():
+        pass
+    setup_logging(common if len(runs) > 1 else runs[0])
+    results = []
+    for r in runs:
+        m = evaluate_run(r, args.data)
+        results.append(m)
+        print(f"{m['model']}: accuracy {m['accuracy']:.3f}, macro AUC {m['macro_auc']:.3f}, macro F1 {m['macro_f1']:.3f}, "
+              f"ECE {m['ece_before']:.3f} -> {m['ece_after_cross_fitted']:.3f} (T={m['temperature']:.2f}); "
+              + ", ".join(f"{s} {v['accuracy']:.3f} (n={v['n']})" for s, v in m["per_source"].items()))
+    if args.ensemble:
+        m = evaluate_ensemble(runs, common / "ensemble", args.data)
+        results.append(m)
+        print(f"ensemble: accuracy {m['accuracy']:.3f}, macro AUC {m['macro_auc']:.3f}, macro F1 {m['macro_f1']:.3f}")
+    table = comparison_table(results)
+    if any(m.get("synthetic_demo") for m in results):
+        table = "**SYNTHETIC DEMO DATA (phantoms): not a medical result.**\n\n" + table
+    out = Path(args.table) if args.table else (common if len(runs) > 1 else runs[0]) / "comparison.md"
+    out.write_text(table)
+    print(table)
+    print(f"table written to {out}; metrics.json and plots in each run folder. Not for clinical use.")
+    return 0

@@ -1,0 +1,215 @@
+"""Export trained runs to ONNX and write them into a Triton-layout model repository (via `cxr.repository`).
+
+The graph: input `image` uint8 [N,1,H,W]; outputs `probabilities` (softmax(logits / T), T fitted on the validation
+split), `logits`, `cam` [N,C,H/32,W/32]; dynamic batch axis; opset 17. `onnx.checker` must pass, and onnxruntime must
+agree with PyTorch on real validation images (max |diff| of probabilities < 1e-4), or nothing is written.
+An ensemble is one graph holding its members, averaging their outputs, so it is served like any other model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr import repository
+from training.evaluate import NOT_CLINICAL, evaluate_ensemble, evaluate_run
+from training.train import TrainConfig, load_model
+
+log = logging.getLogger("cxr.training")
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+PARITY_IMAGES = 16
+OUTPUTS = ("probabilities", "logits", "cam")
+
+
+class ExportError(RuntimeError):
+    """The exported graph is not valid or does not match PyTorch: nothing was written to the repository."""
+
+
+class Calibrated(nn.Module):
+    """A trained network with its temperature: image -> (probabilities, logits, cam)."""
+
+    def __init__(self, net: nn.Module, temperature: float):
+        super().__init__()
+        self.net = net
+        self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature, dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor):
+        logits, cam = self.net.forward_with_cam(image)
+        return torch.softmax(logits * self.inv_temperature, dim=1), logits, cam
+
+
+class Ensemble(nn.Module):
+    """Mean of the members' calibrated probabilities (and of their logits and class maps)."""
+
+    def __init__(self, members: list[Calibrated]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, image: torch.Tensor):
+        outs = [m(image) for m in self.members]
+        return tuple(torch.stack([o[i] for o in outs]).mean(0) for i in range(3))
+
+
+def _temperature(run_dir: Path) -> float:
+    path = run_dir / "calibration.json"
+    if not path.is_file() or not (run_dir / "metrics.json").is_file():
+        log.info("%s has not been evaluated yet: evaluating (fits the temperature on the validation split)", run_dir)
+        evaluate_run(run_dir, plots=False)  # `cxr evaluate` draws the plots
+    return float(json.loads(path.read_text())["temperature"])
+
+
+def _parity_images(cfg: TrainConfig, run_dir: Path, count: int = PARITY_IMAGES) -> np.ndarray:
+    """Real radiographs from the run's validation split, read by the shared reader: uint8 [n,1,S,S]."""
+    from training import data as D
+
+    samples, split = D.read_split(run_dir / D.SPLIT_FILE, cfg.classes)
+    val = [s for s, side in zip(samples, split) if side == "val"]
+    # evenly spaced over the split (which lists the classes in turn), so every class is in the check
+    val = [val[i] for i in np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int)] if val else []
+    images, _ = D.load_images(Path(cfg.data), val, cfg.image_size)
+    if len(images.images) == 0:
+        raise ExportError(f"no readable validation images in {cfg.data} for the parity check")
+    return images.images[:, None]
+
+
+def to_onnx(module: nn.Module, image_size: int, path: Path) -> None:
+    module.eval()
+    example = torch.zeros(2, 1, image_size, image_size, dtype=torch.uint8)
+    batch_axis = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # The TorchScript-based exporter writes opset 17 directly; the dynamo one only targets 18+ (and converting down fails).
+        torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=list(OUTPUTS),
+                          opset_version=OPSET, dynamo=False, dynamic_axes={n: batch_axis for n in ("image", *OUTPUTS)})
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    model.doc_string = NOT_CLINICAL
+    onnx.save(model, str(path))
+
+
+def check_parity(module: nn.Module, onnx_path: Path, images: np.ndarray) -> dict:
+    """onnxruntime vs PyTorch on the same uint8 images, batched and one by one (the batch axis is dynamic)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = [t.numpy() for t in module(torch.from_numpy(images))]
+    got = session.run(list(OUTPUTS), {"image": images})
+    single = session.run(["probabilities"], {"image": images[:1]})[0]
+    diffs = {name: float(np.abs(e - g).max()) for name, e, g in zip(OUTPUTS, expected, got)}
+    diffs["probabilities_batch_of_one"] = float(np.abs(expected[0][:1] - single).max())
+    report = {"images": int(len(images)), "max_abs_diff": diffs, "tolerance_probabilities": PARITY_TOLERANCE,
+              "cam_shape": list(got[2].shape[1:])}
+    worst = max(diffs["probabilities"], diffs["probabilities_batch_of_one"])
+    if not worst < PARITY_TOLERANCE:
+        raise ExportError(f"onnxruntime differs from PyTorch: max |diff| of probabilities {worst:.2e} >= {PARITY_TOLERANCE}")
+    return report
+
+
+def _metrics_summary(metrics: dict) -> dict:
+    keys = ("accuracy", "macro_auc", "macro_precision", "macro_recall", "macro_f1", "ci95", "per_class", "per_source",
+            "confusion_matrix", "ece_before", "ece_after", "ece_after_cross_fitted", "temperature", "n", "evaluated_on")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _card(cfg: TrainConfig, metrics: dict, parity: dict, extra: dict) -> dict:
+    synthetic = bool(metrics.get("synthetic_demo") or cfg.synthetic_demo)
+    return {
+        "intended_use": NOT_CLINICAL + (" SYNTHETIC DEMO: trained on generated phantoms, not a medical model." if synthetic else
+                                        " Research-grade labels; see data_source caveats."),
+        "synthetic_demo": synthetic,
+        "classes": cfg.classes,
+        "image_size": cfg.image_size,
+        "input": {"name": "image", "datatype": "UINT8", "shape": [-1, 1, cfg.image_size, cfg.image_size],
+                  "preprocessing": "cxr.imaging.load_for_model (decode to 8-bit grayscale, resize); rescaling, channel "
+                                   "replication and ImageNet mean/std are inside the graph"},
+        "outputs": {"probabilities": "softmax(logits / temperature), calibrated on the validation split",
+                    "logits": "uncalibrated", "cam": f"class activation maps [N, C, {cfg.image_size // 32}, {cfg.image_size // 32}]"},
+        "temperature": metrics.get("temperature"),
+        "metrics": _metrics_summary(metrics),
+        "data_source": {"folder": Path(cfg.data).name, "manifest": Path(cfg.manifest).name if cfg.manifest else None,
+                        "synthetic_demo": synthetic},
+        "split": metrics.get("split"),
+        "onnx": {"opset": OPSET, "parity": parity},
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def export_run(run_dir: Path, repo: Path, name: str | None = None) -> Path:
+    """Export one run as a new version of model `name` (default: its architecture). Returns the version folder."""
+    run_dir = Path(run_dir)
+    temperature = _temperature(run_dir)
+    net, cfg = load_model(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    module = Calibrated(net, temperature).eval()
+    settings = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k not in ("data", "manifest")}
+    return _write(module, cfg, _parity_images(cfg, run_dir), repo, name or cfg.architecture, metrics,
+                  {"architecture": cfg.architecture, "training": settings,
+                   "training_history": {"epochs_run": metrics.get("epochs_run"), "best_epoch": metrics.get("best_epoch"),
+                                        "wall_seconds": metrics.get("wall_seconds"),
+                                        "train_images_per_second": metrics.get("train_images_per_second")}})
+
+
+def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble") -> Path:
+    """Export the members as one graph that averages them. They must share classes, image size and split."""
+    members, cfgs = [], []
+    for run_dir in map(Path, run_dirs):
+        temperature = _temperature(run_dir)
+        net, cfg = load_model(run_dir)
+        members.append(Calibrated(net, temperature))
+        cfgs.append(cfg)
+    first = cfgs[0]
+    for cfg, run_dir in zip(cfgs, run_dirs):
+        if cfg.classes != first.classes or cfg.image_size != first.image_size:
+            raise ExportError(f"{run_dir}: ensemble members need the same classes and image size "
+                              f"({cfg.classes}, {cfg.image_size} vs {first.classes}, {first.image_size})")
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = evaluate_ensemble(list(map(Path, run_dirs)), Path(tmp) / "ensemble", plots=False)
+    module = Ensemble(members).eval()
+    extra = {"architecture": "ensemble",
+             "members": [{"architecture": c.architecture, "temperature": float(m.inv_temperature.reciprocal()),
+                          "val_accuracy": json.loads((Path(r) / "metrics.json").read_text())["accuracy"]}
+                         for c, m, r in zip(cfgs, members, run_dirs)],
+             "combination": "mean of the members' calibrated probabilities (logits and cam: mean too)"}
+    metrics.setdefault("split", json.loads((Path(run_dirs[0]) / "metrics.json").read_text()).get("split"))
+    return _write(module, first, _parity_images(first, Path(run_dirs[0])), repo, name, metrics, extra)
+
+
+def _check_compatible(repo: Path, name: str, cfg: TrainConfig) -> None:
+    """A new version must fit the model's existing config.pbtxt (same input size and classes)."""
+    model_dir = Path(repo) / name
+    if not (model_dir / repository.CONFIG_FILENAME).is_file():
+        return
+    params = repository.read_config(model_dir).parameters
+    size = params["cxr.image_size"].string_value if "cxr.image_size" in params else None
+    classes = params["cxr.classes"].string_value if "cxr.classes" in params else None
+    if (size and int(size) != cfg.image_size) or (classes and classes.split(",") != cfg.classes):
+        raise ExportError(f"model {name!r} in {repo} takes image size {size} and classes {classes}; this run has "
+                          f"{cfg.image_size} and {','.join(cfg.classes)}: export it under another --name")
+
+
+def _write(module: nn.Module, cfg: TrainConfig, images: np.ndarray, repo: Path, name: str, metrics: dict, extra: dict) -> Path:
+    _check_compatible(repo, name, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        to_onnx(module, cfg.image_size, onnx_path)
+        parity = check_parity(module, onnx_path, images)
+        card = _card(cfg, metrics, parity, extra)
+        params = {"cxr.architecture": extra["architecture"], "cxr.synthetic_demo": str(card["synthetic_demo"]).lower()}
+        version_dir = repository.write_model(repo, name, onnx_path, classes=cfg.classes, image_size=cfg.image_size,
+                                             model_card=card, parameters=params)
+    log.info("exported %s -> %s (parity on %d real images: max |diff| probabilities %.1e)", name, version_dir,
+             parity["images"], parity["max_abs_diff"]["probabilities"])
+    return version_dir
