@@ -61,9 +61,9 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
 
 
 def start_metrics_server(port: int, registry, host: str = "0.0.0.0") -> int:
-    """Serve /metrics over HTTP from a daemon thread; returns the bound port (0 = off, returns 0)."""
-    if not port:
-        return 0
+    """Serve /metrics over HTTP from a daemon thread; returns the bound port (0 picks a free one; -1: off, returns -1)."""
+    if port < 0:
+        return -1
     from prometheus_client import start_http_server
 
     server, _thread = start_http_server(port, addr=host, registry=registry)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", help="model repository folder (Triton layout) [CXR_INFERENCE_REPOSITORY]")
     parser.add_argument("--host", help=doc("host"))
     parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 8002; 0 off)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 8002; 0 picks a free one; -1 off)")
     parser.add_argument("--model-control", choices=["none", "explicit"], help="Triton's model control mode")
     parser.add_argument("--load-model", action="append", help="with explicit control: load at start (repeat; '*' all)")
     parser.add_argument("--providers", type=lambda s: [p for p in s.split(",") if p],

@@ -21,7 +21,7 @@ class InferenceSettings(BaseSettings):
     port: int = 8001
     """gRPC port (KServe v2 / Triton protocol, health, reflection); 0 picks a free port."""
     metrics_port: int = 8002
-    """HTTP port of the Prometheus /metrics endpoint; 0 turns it off."""
+    """HTTP port of the Prometheus /metrics endpoint; 0 picks a free port, -1 turns it off."""
     model_control: Literal["none", "explicit"] = "none"
     """Triton's model control mode: `none` loads every model at start; `explicit` loads at run time on request."""
     load_models: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -290,7 +290,7 @@ async def serve(settings: InferenceSettings, *, started: asyncio.Future | None =
     metrics_port = start_metrics_server(settings.metrics_port, metrics.registry, settings.host)
     await server.start()  # live at once (ServerLive), ready only once the models are loaded and warmed up
     log.info("listening on %s:%d (metrics on %s); loading models from %s", settings.host, port,
-             metrics_port or "off", settings.repository)
+             metrics_port if metrics_port >= 0 else "off", settings.repository)
     await manager.start()
     log.info("ready: %s", ", ".join(f"{n}:{v} {s}" + (f" ({r})" if r else "") for n, v, s, r in manager.index()))
     await readiness.set(True)
