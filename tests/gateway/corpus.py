@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,9 @@ def build(dicom_dir: Path, cxr_raw_dir: Path) -> list[Case]:
     relabelled = _dicom_bytes(native).replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.5\x00", 1)
     add("dicom_native_data_labelled_rle", relabelled, INVALID, "corrupt", "truncated", "no_pixel_data")
     nan_slope = copy.deepcopy(nih)
-    nan_slope.RescaleSlope, nan_slope.RescaleIntercept = "NaN", "0"
+    with warnings.catch_warnings():  # pydicom warns that NaN is not a valid DS: that is the point
+        warnings.simplefilter("ignore")
+        nan_slope.RescaleSlope, nan_slope.RescaleIntercept = "NaN", "0"
     add("dicom_nan_rescale_slope", _dicom_bytes(nan_slope), INVALID, "corrupt")
 
     # ---- DICOM: size limits and bombs

@@ -94,10 +94,10 @@ def start(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None 
     raise RuntimeError(f"{name} did not start within {timeout} s:\n{log_path.read_text()[-4000:]}")
 
 
-def start_inference(repository: Path, workdir: Path, port: int = 0, extra: list[str] | None = None) -> Service:
+def start_inference(repository: Path, workdir: Path, port: int = 0, extra: list[str] | None = None, metrics_port: int | None = None) -> Service:
     service = start(
         "inference",
-        ["--repository", str(repository), "--port", str(port), "--metrics-port", "0", "--host", "127.0.0.1",
+        ["--repository", str(repository), "--port", str(port), "--metrics-port", str(metrics_port or free_port()), "--host", "127.0.0.1",
          "--intra-op-threads", "1", "--grace-period", "2", *(extra or [])],
         workdir,
     )
@@ -108,7 +108,7 @@ def start_inference(repository: Path, workdir: Path, port: int = 0, extra: list[
 def start_gateway(inference: str, workdir: Path, extra: list[str] | None = None, env: dict[str, str] | None = None) -> Service:
     return start(
         "gateway",
-        ["--inference", inference, "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1", *(extra or [])],
+        ["--inference", inference, "--port", "0", "--metrics-port", str(free_port()), "--host", "127.0.0.1", *(extra or [])],
         workdir, env=env,
     )
 
