@@ -105,6 +105,7 @@ class InferenceClient:
             self._channel = grpc.aio.insecure_channel(settings.inference, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._poller: asyncio.Task | None = None
+        self._check: asyncio.Task | None = None
         self.retries = 0  # UNAVAILABLE retries made (a counter for metrics)
 
     # ---- lifecycle and readiness -------------------------------------------------------------------
@@ -133,6 +134,10 @@ class InferenceClient:
         self._set_ready(ready)
         return ready
 
+    def _schedule_ready_check(self) -> None:
+        if self._check is None or self._check.done():
+            self._check = asyncio.get_running_loop().create_task(self.check_ready())
+
     async def _poll_readiness(self) -> None:
         while True:
             await asyncio.sleep(self.settings.readiness_interval_s)
@@ -152,7 +157,8 @@ class InferenceClient:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE and not _means_unknown_model(exc.details()):
-                    self._set_ready(False)
+                    # the whole service down, or one model not loaded? ServerReady tells (and fails fast when down)
+                    self._schedule_ready_check()
                     if attempt < self.settings.upstream_retries and deadline - time.monotonic() > backoff:
                         attempt += 1
                         self.retries += 1
