@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class InferenceSettings(BaseSettings):
     """Everything `cxr serve inference` can be told. Per-model settings live in each model's config.pbtxt."""
 
-    model_config = SettingsConfigDict(env_prefix="CXR_INFERENCE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CXR_INFERENCE_", extra="ignore", use_attribute_docstrings=True)
 
     repository: Path = Path("model_repository")
     """The model repository folder (Triton layout)."""

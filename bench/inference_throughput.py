@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Inference service throughput vs raw onnxruntime, measured in one run on the same machine.
+
+1. Raw: onnxruntime alone on the same model file, same intra-op threads, at batch sizes 1..max_batch_size;
+   the best batch size's images/s is the baseline.
+2. Service: `cxr serve inference` as a subprocess (its dynamic batcher as config.pbtxt says), driven by N
+   concurrent clients that each send one image per request, back to back (N = 1, 8, 32, 64).
+Prints throughput, p50/p99 latency and the ratio to raw. Target: >= 0.9 of raw at N = 32.
+
+    python bench/inference_throughput.py [--repository DIR] [--model resnet50] [--threads 2] [--duration 10]
+
+Repository: --repository, else ./model_repository when present, else a small one trained here on real radiographs
+(training.testing.build_test_repository, 64x64 models; needs the [train] extra). The clients run in this process
+and share the machine's cores with the server, as a sidecar or a gateway on the same node would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cxr import repository  # noqa: E402
+
+
+def pick_repository(arg: str | None, workdir: Path) -> Path:
+    if arg:
+        return Path(arg)
+    default = ROOT / "model_repository"
+    if default.is_dir() and repository.list_models(default):
+        return default
+    from training.testing import build_test_repository  # the fallback needs torch
+
+    data = Path(os.environ.get("CXR_RAW_DATA", ROOT.parent / "shared" / "data" / "cxr-raw"))
+    print(f"no model repository given: training a small one on {data} ...", flush=True)
+    return build_test_repository(data, workdir)
+
+
+def load_images(size: int, count: int = 64) -> np.ndarray:
+    """Real radiographs at the model's size when the data is at hand, else random pixels (timings only)."""
+    data = Path(os.environ.get("CXR_RAW_DATA", ROOT.parent / "shared" / "data" / "cxr-raw"))
+    paths = sorted(data.glob("*/*.png"))[:count] if data.is_dir() else []
+    if paths:
+        from cxr.imaging import load_for_model
+
+        return np.stack([load_for_model(p, size) for p in paths])[:, None]
+    return np.random.default_rng(0).integers(0, 256, (count, 1, size, size), dtype=np.uint8)
+
+
+def raw_throughput(model_path: Path, images: np.ndarray, threads: int, max_batch: int, seconds: float) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    results = {}
+    batch = 1
+    while batch <= max_batch:
+        feed = {"image": np.resize(images, (batch, *images.shape[1:]))}
+        for _ in range(3):
+            session.run(outputs, feed)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            session.run(outputs, feed)
+            done += batch
+        results[batch] = done / (time.perf_counter() - start)
+        print(f"  raw onnxruntime batch {batch:3d}: {results[batch]:8.1f} images/s", flush=True)
+        batch *= 2
+    return results
+
+
+def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    port_file = workdir / "ports"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log = open(workdir / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "inference", "--repository", str(repo),
+                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+                             "--intra-op-threads", str(threads), "--port-file", str(port_file), *extra],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    end = time.monotonic() + 300
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise SystemExit(f"inference server did not start:\n{(workdir / 'server.log').read_text()}")
+        time.sleep(0.1)
+    return proc, int(port_file.read_text().split()[0])
+
+
+async def drive(port: int, model: str, images: np.ndarray, clients: int, seconds: float) -> dict:
+    """`clients` concurrent callers, each sending single-image requests back to back for `seconds`."""
+    import grpc
+
+    from cxr.generated.inference import grpc_service_pb2 as pb
+    from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
+
+    requests = []
+    for i in range(len(images)):
+        request = pb.ModelInferRequest(model_name=model, id=f"bench-{i}")
+        request.inputs.add(name="image", datatype="UINT8", shape=[1, *images.shape[1:]])
+        request.raw_input_contents.append(images[i:i + 1].tobytes())
+        request.outputs.add(name="probabilities")
+        requests.append(request)
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for request in requests[:4]:  # warm the connection
+            await stub.ModelInfer(request, timeout=60)
+        async def window(seconds: float, record: bool) -> None:
+            nonlocal errors
+            stop_at = time.perf_counter() + seconds
+
+            async def client(k: int) -> None:
+                nonlocal errors
+                i = k
+                while time.perf_counter() < stop_at:
+                    t0 = time.perf_counter()
+                    try:
+                        await stub.ModelInfer(requests[i % len(requests)], timeout=60)
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+                    if record:
+                        latencies.append(time.perf_counter() - t0)
+                    i += clients
+
+            await asyncio.gather(*(client(k) for k in range(clients)))
+
+        await window(1.0, record=False)  # warm-up at this concurrency
+        errors = 0
+        start = time.perf_counter()
+        await window(seconds, record=True)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "clients": clients,
+        "throughput": len(latencies) / elapsed,
+        "p50_ms": 1e3 * statistics.median(latencies),
+        "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "requests": len(latencies),
+        "errors": errors,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", help="model repository (default: ./model_repository, else train a small one)")
+    parser.add_argument("--model", default=None, help="model to serve (default: resnet50 when present, else the first)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="onnxruntime intra-op threads, for raw and for the service alike")
+    parser.add_argument("--clients", default="1,8,32,64", help="concurrent single-image clients to measure")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per client count")
+    parser.add_argument("--raw-duration", type=float, default=3.0, help="seconds measured per raw batch size")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra flag for `cxr serve inference`")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        workdir = Path(tmp)
+        repo = pick_repository(args.repository, workdir)
+        models = repository.list_models(repo)
+        model = args.model or ("resnet50" if "resnet50" in models else models[0])
+        config = repository.read_config(repo / model)
+        version = repository.select_versions(config, repository.list_versions(repo / model))[-1]
+        model_path = repository.model_path(repo / model, version, config)
+        size = int(config.input[0].dims[-1])
+        images = load_images(size)
+        batching = config.dynamic_batching
+        print(f"model {model} v{version} ({size}x{size}, max_batch_size {config.max_batch_size}, "
+              f"max_queue_delay {batching.max_queue_delay_microseconds} us, instances "
+              f"{sum(g.count for g in config.instance_group) or 1}); {args.threads} intra-op threads; "
+              f"{os.cpu_count()} CPUs; {platform.processor() or platform.machine()}", flush=True)
+
+        raw = raw_throughput(model_path, images, args.threads, max(1, config.max_batch_size), args.raw_duration)
+        best_batch = max(raw, key=raw.get)
+        baseline = raw[best_batch]
+
+        proc, port = start_server(repo, workdir, args.threads, args.server_arg)
+        rows = []
+        try:
+            for clients in (int(c) for c in args.clients.split(",")):
+                row = asyncio.run(drive(port, model, images, clients, args.duration))
+                row["ratio"] = row["throughput"] / baseline
+                rows.append(row)
+                print(f"  service N={clients:3d}: {row['throughput']:8.1f} images/s  p50 {row['p50_ms']:7.2f} ms  "
+                      f"p99 {row['p99_ms']:7.2f} ms  ratio {row['ratio']:.2f}  errors {row['errors']}", flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+    print()
+    print(f"| mode | clients | batch | images/s | p50 ms | p99 ms | ratio to raw |")
+    print(f"|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| raw onnxruntime | - | {best_batch} (best) | {baseline:.1f} | - | - | 1.00 |")
+    for row in rows:
+        print(f"| service | {row['clients']} | dynamic | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
+              f"{row['p99_ms']:.2f} | {row['ratio']:.2f} |")
+    print("\nCPU only (onnxruntime CPUExecutionProvider); a CUDA run needs a GPU machine.")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model, "version": version, "threads": args.threads,
+                                               "raw": raw, "best_batch": best_batch, "service": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

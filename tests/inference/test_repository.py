@@ -1,0 +1,111 @@
+"""cxr.repository: the one reader and writer of the Triton model repository layout, on ONNX files our training
+exported."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from cxr import repository
+from cxr.generated.inference.model_config_pb2 import DataType, ModelConfig
+
+CLASSES = ["Normal", "Lung_Opacity", "Viral Pneumonia"]
+
+
+@pytest.fixture
+def onnx_files(trained_repository):
+    return {name: trained_repository / name / "1" / "model.onnx" for name in ("custom_cnn", "mobilenet")}
+
+
+def test_write_model_adds_versions_with_config_labels_and_card(onnx_files, tmp_path):
+    repo = tmp_path / "repo"
+    card = {"architecture": "custom_cnn", "metrics": {"accuracy": 0.5}, "data_source": "cxr-raw"}
+    v1 = repository.write_model(repo, "cnn", onnx_files["custom_cnn"], classes=CLASSES, image_size=64,
+                                model_card=card, parameters={"cxr.architecture": "custom_cnn"})
+    v2 = repository.write_model(repo, "cnn", onnx_files["mobilenet"], classes=CLASSES, image_size=64, model_card=card)
+    assert (v1, v2) == (repo / "cnn" / "1", repo / "cnn" / "2")
+    assert repository.list_versions(repo / "cnn") == [1, 2] and repository.next_version(repo / "cnn") == 3
+    assert repository.list_models(repo) == ["cnn"]
+    assert not [p for p in (repo / "cnn").iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+    written = json.loads((v2 / "model_card.json").read_text())
+    assert written["sha256"] == hashlib.sha256((v2 / "model.onnx").read_bytes()).hexdigest()
+    assert written["sha256"] == repository.sha256_file(onnx_files["mobilenet"])
+    assert (written["version"], written["metrics"], written["data_source"]) == (2, {"accuracy": 0.5}, "cxr-raw")
+    assert repository.read_model_card(v2) == written
+    assert repository.read_labels(repo / "cnn") == CLASSES
+
+    config = repository.read_config(repo / "cnn")
+    assert (config.name, config.platform, config.max_batch_size) == ("cnn", "onnxruntime_onnx", 32)
+    (image,) = config.input
+    assert (image.name, image.data_type, list(image.dims)) == ("image", DataType.TYPE_UINT8, [1, 64, 64])
+    outputs = {o.name: (o.data_type, list(o.dims), o.label_filename) for o in config.output}
+    assert outputs == {"probabilities": (DataType.TYPE_FP32, [3], "labels.txt"),
+                       "logits": (DataType.TYPE_FP32, [3], "labels.txt"),
+                       "cam": (DataType.TYPE_FP32, [3, 2, 2], "")}
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.default_queue_policy.max_queue_size > 0
+    assert config.parameters["cxr.classes"].string_value == ",".join(CLASSES)
+    assert config.parameters["cxr.image_size"].string_value == "64"
+    assert config.parameters["cxr.architecture"].string_value == "custom_cnn"
+
+
+def test_an_operators_config_edits_survive_new_versions(onnx_files, tmp_path):
+    repo = tmp_path / "repo"
+    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=64, model_card={})
+    config = repository.read_config(repo / "m")
+    config.dynamic_batching.max_queue_delay_microseconds = 1234
+    config.version_policy.all.SetInParent()
+    repository.write_config(repo / "m", config)
+    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=64, model_card={})
+    again = repository.read_config(repo / "m")
+    assert again.dynamic_batching.max_queue_delay_microseconds == 1234 and again.version_policy.HasField("all")
+
+
+def test_write_model_refuses_what_would_corrupt_the_repository(onnx_files, tmp_path):
+    repo = tmp_path / "repo"
+    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=64, model_card={})
+    with pytest.raises(repository.RepositoryError, match="already exists"):
+        repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=64, model_card={},
+                               version=1)
+    with pytest.raises(repository.RepositoryError, match="share its classes"):
+        repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=["a", "b", "c"], image_size=64,
+                               model_card={})
+    with pytest.raises(repository.RepositoryError, match="not found"):
+        repository.write_model(repo, "m", tmp_path / "missing.onnx", classes=CLASSES, image_size=64, model_card={})
+    with pytest.raises(repository.RepositoryError, match="invalid model name"):
+        repository.write_model(repo, "../escape", onnx_files["custom_cnn"], classes=CLASSES, image_size=64,
+                               model_card={})
+    assert repository.list_versions(repo / "m") == [1]
+
+
+def test_read_config_reports_what_is_wrong(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    with pytest.raises(repository.RepositoryError, match="config.pbtxt is missing"):
+        repository.read_config(model)
+    (model / "config.pbtxt").write_text("max_batch_size: 8\n")
+    assert repository.read_config(model).name == "m", "an empty name is the folder's name, as in Triton"
+    (model / "config.pbtxt").write_text('name: "other"\n')
+    with pytest.raises(repository.RepositoryError, match="folder is 'm'"):
+        repository.read_config(model)
+    (model / "config.pbtxt").write_text("max_batch_size: lots\n")
+    with pytest.raises(repository.RepositoryError, match="not a valid ModelConfig"):
+        repository.read_config(model)
+
+
+def test_version_listing_and_policies(tmp_path):
+    model = tmp_path / "m"
+    for name in ("1", "3", "10", "0", "latest", ".staging-4-x"):
+        (model / name).mkdir(parents=True)
+    assert repository.list_versions(model) == [1, 3, 10]
+    config = ModelConfig()
+    assert repository.select_versions(config, [1, 3, 10]) == [10], "Triton's default: the newest version"
+    config.version_policy.latest.num_versions = 2
+    assert repository.select_versions(config, [1, 3, 10]) == [3, 10]
+    config.version_policy.all.SetInParent()
+    assert repository.select_versions(config, [1, 3, 10]) == [1, 3, 10]
+    config.version_policy.specific.versions.extend([1, 7])
+    assert repository.select_versions(config, [1, 3, 10]) == [1]
+    assert repository.select_versions(ModelConfig(), []) == []
