@@ -23,9 +23,11 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes, not on every code change.
+# sympy (80 MB) comes with onnxruntime-gpu for its offline shape-inference tools only; serving never imports it.
 COPY pyproject.toml deploy/docker/requirements.py /tmp/build/
 RUN python /tmp/build/requirements.py inference /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
  && pip install -r /tmp/build/requirements.txt "setuptools>=68" wheel \
+ && pip uninstall -y sympy mpmath \
  && rm -rf /tmp/build
 
 # Our code: the ground floor (cxr/) and the services only; training/ (which needs torch) stays out.
