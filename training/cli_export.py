@@ -16,6 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from training.cli_evaluate import expand_runs
+    from cxr.repository import RepositoryError
     from training.export import ExportError, export_ensemble, export_run
     from training.train import setup_logging
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             for r in runs:
                 print(export_run(r, repo, args.name))
-    except ExportError as exc:
+    except (ExportError, RepositoryError) as exc:
         print(f"export failed, nothing written for this model: {exc}")
         return 1
     return 0

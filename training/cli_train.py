@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hflip", dest="hflip", action="store_false", help="augmentation: no horizontal flips")
     parser.add_argument("--contrast", type=float, default=0.1, help="augmentation: brightness/contrast jitter +/- (0 = off)")
     parser.add_argument("--balance", choices=("weights", "none"), default="weights", help="class imbalance: class-weighted loss, or none")
-    parser.add_argument("--patience", type=int, default=8, help="early stopping after N epochs without a better val macro AUC")
+    parser.add_argument("--patience", type=int, default=10, help="early stopping after N epochs without a better val macro AUC")
+    parser.add_argument("--ema-decay", type=float, default=0.98, help="validate and keep a moving average of the weights (0: off)")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class (quick runs)")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             label_smoothing=args.label_smoothing, dropout=args.dropout, weights=args.weights,
             frozen_epochs=args.frozen_epochs, fine_tune_layers=args.fine_tune_layers, rotation=args.rotation,
             zoom=args.zoom, shift=args.shift, hflip=args.hflip, contrast=args.contrast, balance=args.balance,
-            patience=args.patience, val_fraction=args.val_fraction, seed=args.seed, max_per_class=args.max_per_class,
+            patience=args.patience, ema_decay=args.ema_decay, val_fraction=args.val_fraction, seed=args.seed, max_per_class=args.max_per_class,
             threads=args.threads,
         )
         train(cfg, out / arch if args.arch == "all" else out, resume=args.resume)

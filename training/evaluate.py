@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,9 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, num_classes: int, rounds
         idx = rng.integers(0, len(labels), len(labels))
         for key, value in core_metrics(labels[idx], probs[idx], num_classes).items():
             draws.setdefault(key, []).append(value)
-    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
+    with warnings.catch_warnings():  # AUC is undefined in a resample that lacks a class: those draws are left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
 
 
 def evaluate_predictions(labels: np.ndarray, logits: np.ndarray, classes: list[str], sources: list[str],

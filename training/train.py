@@ -47,7 +47,8 @@ class TrainConfig:
     hflip: bool = True
     contrast: float = 0.1  # brightness/contrast jitter, +/-
     balance: str = "weights"  # weights (class-weighted loss) | none
-    patience: int = 8  # early stopping: epochs without a better validation macro AUC
+    patience: int = 10  # early stopping: epochs without a better validation macro AUC
+    ema_decay: float = 0.98  # validate/keep an exponential moving average of the weights (0: off)
     val_fraction: float = 0.2
     seed: int = 0
     max_per_class: int | None = None
@@ -169,8 +170,9 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
         return float("nan")
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = True) -> dict:
-    """Train one architecture into run_dir; resumes from last.pt when present. Returns the run summary."""
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int | None = None) -> dict:
+    """Train one architecture into run_dir; resumes from last.pt when present. Returns the run summary.
+    stop_after: end this call after that many epochs (the run can be resumed; a time-boxed session)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
@@ -202,6 +204,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True) -> dict:
     steps_per_epoch = max(1, math.ceil(len(train_set.labels) / cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.15)
+    # The moving average of the weights is what gets validated and kept: on a few hundred images the raw weights'
+    # validation AUC swings by several points from epoch to epoch, and picking the best of those swings is luck.
+    ema = _ema_model(model, cfg.ema_decay)
     weight = class_weights(train_set.labels, len(cfg.classes)).to(device) if cfg.balance == "weights" else None
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
@@ -209,9 +214,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True) -> dict:
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         history, best_auc, stale, start_epoch = state["history"], state["best_auc"], state["stale"], state["epoch"]
         generator.set_state(state["generator"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
         if state["total_steps"] == cfg.epochs * steps_per_epoch:
             scheduler.load_state_dict(state["scheduler"])
         else:  # more epochs asked for: continue on a fresh schedule over the remaining epochs
@@ -248,13 +257,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True) -> dict:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
         bar.close()
         train_time = time.perf_counter() - t0
-        val_logits = predict_logits(model, val_set.images, device=device)
+        kept = ema.module if ema is not None else model
+        val_logits = predict_logits(kept, val_set.images, device=device)
         val_t = torch.from_numpy(val_logits)
         val_y = torch.from_numpy(val_set.labels)
         val_loss = float(F.cross_entropy(val_t, val_y, weight=weight.cpu() if weight is not None else None))
@@ -275,21 +287,39 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True) -> dict:
         auc = record["val_macro_auc"]
         if auc > best_auc or not (run_dir / "best.pt").exists():  # NaN (a class absent from val) never "improves"
             best_auc, stale = (auc if not math.isnan(auc) else best_auc), 0
-            torch.save({"model": model.state_dict(), "epoch": epoch + 1, "val_macro_auc": auc}, run_dir / "best.pt")
+            torch.save({"model": kept.state_dict(), "epoch": epoch + 1, "val_macro_auc": auc}, run_dir / "best.pt")
         else:
             stale += 1
         log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro AUC %.4f%s | %.1f images/s, %.0f s",
                  epoch + 1, cfg.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
                  record["val_accuracy"], record["val_macro_auc"], " (best)" if stale == 0 else "",
                  record["train_images_per_second"], record["epoch_seconds"])
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "total_steps": scheduler.total_steps, "history": history, "best_auc": best_auc, "stale": stale,
-                    "epoch": epoch + 1, "generator": generator.get_state()}, last_path)
+                    "epoch": epoch + 1, "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, last_path)
         (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        if stop_after is not None and epoch + 1 - start_epoch >= stop_after:
+            log.info("stopping after %d epoch(s) as asked; resume with the same command", stop_after)
+            break
     summary = {"run_dir": str(run_dir), "architecture": cfg.architecture, "best_val_macro_auc": best_auc,
                "epochs_run": len(history), "wall_seconds": sum(h["epoch_seconds"] for h in history)}
     log.info("done: best validation macro AUC %.4f after %d epochs, %.0f s", best_auc, len(history), summary["wall_seconds"])
     return summary
+
+
+def _ema_model(model: torch.nn.Module, decay: float):
+    """An exponential moving average of the weights (and BatchNorm statistics). The decay warms up, min(decay,
+    (1+n)/(10+n)) after n updates, so short runs are not dominated by the random initial weights."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+
+    def average(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return avg + (current - avg) * (1.0 - d) if avg.is_floating_point() else current
+
+    return AveragedModel(model, avg_fn=average, use_buffers=True)
 
 
 def _freeze_bn_of_frozen_blocks(model: torch.nn.Module) -> None:

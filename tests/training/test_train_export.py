@@ -1,0 +1,139 @@
+"""Short real runs on cxr-raw for every architecture, exported to ONNX with parity checked (the `trained_repository`
+fixture runs the same `train` + `export` code as `cxr train` / `cxr export`), then the repository is checked from the
+outside: layout, config, model card, graph outputs, calibration and the ensemble's averaging."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from cxr import repository
+from cxr.imaging import load_for_model
+from training import data as D
+from training.calibrate import softmax
+from training.export import Calibrated, ExportError, check_parity, export_run, to_onnx
+from training.train import TrainConfig, load_model, train
+
+CLASSES = list(D.DEFAULT_CLASSES)
+
+
+def _val_images(cxr_raw_dir, n_per_class=2, size=64) -> np.ndarray:
+    files = [f for cls in CLASSES for f in sorted((cxr_raw_dir / cls).glob("*.png"))[-n_per_class:]]
+    return np.stack([load_for_model(f, size) for f in files])[:, None]
+
+
+def _session(repo, name, version):
+    return ort.InferenceSession(str(repo / name / str(version) / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_repository_layout_and_versions(trained_repository):
+    repo = trained_repository
+    assert repository.list_models(repo) == ["custom_cnn", "ensemble", "mobilenet", "resnet50"]
+    assert repository.list_versions(repo / "custom_cnn") == [1, 2]
+    for name in repository.list_models(repo):
+        model_dir = repo / name
+        config = repository.read_config(model_dir)
+        assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+        assert [i.name for i in config.input] == ["image"] and list(config.input[0].dims) == [1, 64, 64]
+        assert [o.name for o in config.output] == ["probabilities", "logits", "cam"]
+        assert config.parameters["cxr.classes"].string_value == ",".join(CLASSES)
+        assert config.parameters["cxr.image_size"].string_value == "64"
+        assert config.parameters["cxr.synthetic_demo"].string_value == "false"
+        assert config.parameters["cxr.architecture"].string_value == name
+        assert repository.read_labels(model_dir) == CLASSES
+        for version in repository.list_versions(model_dir):
+            card = repository.read_model_card(model_dir / str(version))
+            assert card["sha256"] == repository.sha256_file(model_dir / str(version) / "model.onnx")
+            assert "not for clinical use" in card["intended_use"].lower() and card["synthetic_demo"] is False
+            assert card["onnx"]["opset"] == 17 and card["onnx"]["parity"]["max_abs_diff"]["probabilities"] < 1e-4
+            assert card["onnx"]["parity"]["images"] == 16
+            assert 0 <= card["metrics"]["accuracy"] <= 1 and set(card["metrics"]["per_source"]) == {"nih", "kermany"}
+            assert card["split"]["patient_disjoint"] is True and card["data_source"]["folder"] == "cxr-raw"
+    a, b = (repository.sha256_file(repo / "custom_cnn" / v / "model.onnx") for v in ("1", "2"))
+    assert a != b
+
+
+@pytest.mark.parametrize("name", ["custom_cnn", "mobilenet", "resnet50", "ensemble"])
+def test_graph_contract_on_real_images(trained_repository, cxr_raw_dir, name):
+    path = trained_repository / name / "1" / "model.onnx"
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 17
+    session = _session(trained_repository, name, 1)
+    (inp,) = session.get_inputs()
+    assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 64, 64]
+    assert not isinstance(inp.shape[0], int)  # dynamic batch axis
+    images = _val_images(cxr_raw_dir)
+    for batch in (images, images[:1]):
+        probs, logits, cam = session.run(["probabilities", "logits", "cam"], {"image": batch})
+        assert probs.shape == logits.shape == (len(batch), 3) and cam.shape == (len(batch), 3, 2, 2)
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    if name != "ensemble":  # probabilities are the calibrated softmax of the logits, T from the model card
+        card = repository.read_model_card(trained_repository / name / "1")
+        np.testing.assert_allclose(probs, softmax(logits.astype(np.float64), card["temperature"]), atol=1e-5)
+        np.testing.assert_allclose(cam.mean(axis=(2, 3)), logits, atol=1e-4)
+
+
+def test_ensemble_is_the_mean_of_its_members(trained_repository, cxr_raw_dir):
+    images = _val_images(cxr_raw_dir)
+    outs = [_session(trained_repository, n, 1).run(None, {"image": images}) for n in ("custom_cnn", "mobilenet", "resnet50")]
+    ensemble = _session(trained_repository, "ensemble", 1).run(None, {"image": images})
+    for i in range(3):  # probabilities, logits, cam
+        np.testing.assert_allclose(ensemble[i], np.mean([o[i] for o in outs], axis=0), atol=1e-5)
+    card = repository.read_model_card(trained_repository / "ensemble" / "1")
+    assert [m["architecture"] for m in card["members"]] == ["custom_cnn", "mobilenet", "resnet50"]
+
+
+def test_parity_check_fails_when_onnx_and_pytorch_disagree(trained_repository, cxr_raw_dir, tmp_path):
+    run_dir = trained_repository.parent / "runs" / "custom_cnn"
+    net, cfg = load_model(run_dir)
+    to_onnx(Calibrated(net, 1.0), 64, tmp_path / "t1.onnx")
+    images = _val_images(cxr_raw_dir)
+    assert check_parity(Calibrated(net, 1.0), tmp_path / "t1.onnx", images)["max_abs_diff"]["probabilities"] < 1e-4
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        check_parity(Calibrated(net, 0.5), tmp_path / "t1.onnx", images)
+
+
+def test_export_refuses_a_version_with_another_input_size(trained_repository, cxr_raw_dir, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repository / "custom_cnn", repo / "custom_cnn")
+    run_dir = tmp_path / "run96"
+    train(TrainConfig(data=str(cxr_raw_dir), architecture="custom_cnn", image_size=96, epochs=1, max_per_class=8), run_dir)
+    with pytest.raises(ExportError, match="another --name"):
+        export_run(run_dir, repo)
+    assert repository.list_versions(repo / "custom_cnn") == [1, 2]
+    assert export_run(run_dir, repo, "custom_cnn_96") == repo / "custom_cnn_96" / "1"
+
+
+def test_mobilenet_v2_short_run_exports_with_parity(cxr_raw_dir, tmp_path):
+    run_dir = tmp_path / "mnv2"
+    train(TrainConfig(data=str(cxr_raw_dir), architecture="mobilenet_v2", image_size=64, epochs=1, max_per_class=10), run_dir)
+    version_dir = export_run(run_dir, tmp_path / "repo")
+    card = repository.read_model_card(version_dir)
+    assert card["architecture"] == "mobilenet_v2" and card["onnx"]["parity"]["max_abs_diff"]["probabilities"] < 1e-4
+
+
+def test_resume_continues_exactly_where_it_stopped(cxr_raw_dir, tmp_path):
+    def cfg():
+        return TrainConfig(data=str(cxr_raw_dir), architecture="custom_cnn", image_size=64, epochs=2, max_per_class=12,
+                           batch_size=8, threads=1)
+
+    train(cfg(), tmp_path / "straight")
+    train(cfg(), tmp_path / "interrupted", stop_after=1)
+    first = json.loads((tmp_path / "interrupted" / "history.json").read_text())
+    assert len(first) == 1
+    train(cfg(), tmp_path / "interrupted")  # same command again: resumes at epoch 2
+    assert "resumed" in (tmp_path / "interrupted" / "train.log").read_text()
+    straight = json.loads((tmp_path / "straight" / "history.json").read_text())
+    resumed = json.loads((tmp_path / "interrupted" / "history.json").read_text())
+    assert [h["epoch"] for h in resumed] == [1, 2] and resumed[0] == first[0]
+    assert [h["train_loss"] for h in resumed] == [h["train_loss"] for h in straight]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
