@@ -171,10 +171,15 @@ class ModelManager:
                 names = list(wanted)  # a name without a folder is recorded as UNAVAILABLE by load()
         await asyncio.gather(*(self.load(n, raise_errors=False) for n in names))
 
+    def _folder_exists(self, name: str) -> bool:
+        # One path component only: a request must not reach folders outside the repository.
+        return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and \
+            (self.repository / name).is_dir()
+
     async def load(self, name: str, *, raise_errors: bool = True) -> ModelEntry:
         """(Re)load a model: build every served version, then swap them in at once. On failure a model that was
         serving keeps serving its old versions."""
-        if not (self.repository / name).is_dir() or name.startswith("."):
+        if not self._folder_exists(name):
             if raise_errors:
                 raise not_found(f"no model {name!r} in the repository; models: {repository.list_models(self.repository)}")
             return self.models.setdefault(name, ModelEntry(name, UNAVAILABLE, "no such folder in the model repository"))
@@ -293,7 +298,7 @@ class ModelManager:
         async with self._locks[name]:
             entry = self.models.get(name)
             if entry is None or entry.state != READY:
-                if not (self.repository / name).is_dir():
+                if not self._folder_exists(name):
                     raise not_found(f"no model {name!r} to unload; models: {sorted(self.models)}")
                 self.models[name] = ModelEntry(name, UNAVAILABLE, "unloaded")
                 return
@@ -318,7 +323,7 @@ class ModelManager:
         """
         entry = self.models.get(name)
         if entry is None:
-            if name and (self.repository / name).is_dir():
+            if self._folder_exists(name):
                 raise unavailable(f"model {name!r} is not loaded")
             raise not_found(f"unknown model {name!r}; models: {sorted(n for n, e in self.models.items())}")
         if entry.state != READY:

@@ -24,7 +24,7 @@ from services.common.serving import (
     start_metrics_server,
 )
 from services.inference.config import InferenceSettings
-from services.inference.errors import InferenceError, unavailable
+from services.inference.errors import InferenceError, invalid, unavailable
 from services.inference.metrics import InferenceMetrics
 from services.inference.model_manager import READY, ModelManager, ModelVersion
 from services.inference.tensors import classify, decode_inputs, decode_outputs, encode_output
@@ -152,6 +152,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except InferenceError as e:
             self._log(request, e.code.name, e.reason, start)
             await context.abort(e.code, e.message)
+        except Exception:  # a bug of ours: still one answer, and a trace in the log (no request contents)
+            log.exception("internal error in ModelInfer for model %s", request.model_name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the inference server; see its log")
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request of the stream is answered on the stream, in completion order; a failed request answers
@@ -166,6 +169,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             except InferenceError as e:
                 self._log(request, e.code.name, e.reason, start)
                 answer = pb.ModelStreamInferResponse(error_message=e.message)
+            except Exception:  # noqa: BLE001 - a bug of ours: answer it, keep the stream
+                log.exception("internal error in ModelStreamInfer for model %s", request.model_name)
+                answer = pb.ModelStreamInferResponse(error_message="internal error in the inference server")
+            if answer.error_message:
                 answer.infer_response.id = request.id
                 answer.infer_response.model_name = request.model_name
             await answers.put(answer)
@@ -211,10 +218,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             inputs, rows = decode_inputs(request, model.inputs, model.max_batch_size, model.name)
             wanted = decode_outputs(request, model.outputs, len(model.labels), model.name)
-            timeout_us = 0
-            if "timeout" in request.parameters:
-                param = request.parameters["timeout"]
-                timeout_us = int(getattr(param, param.WhichOneof("parameter_choice") or "int64_param") or 0)
+            timeout_us = _timeout_parameter(request)
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
             result = await model.batcher.infer(inputs, rows, {w.name for w in wanted}, deadline=deadline,
                                                timeout_us=timeout_us)
@@ -270,6 +274,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         while self.in_flight:
             await asyncio.sleep(0.01)
 
+
+
+def _timeout_parameter(request: pb.ModelInferRequest) -> int:
+    """The request's `timeout` parameter in microseconds (Triton's meaning); 0 when absent."""
+    if "timeout" not in request.parameters:
+        return 0
+    param = request.parameters["timeout"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param") or getattr(param, kind) < 0:
+        raise invalid(f"the timeout parameter must be a non-negative integer (microseconds), received {kind}")
+    return int(getattr(param, kind))
 
 
 async def serve(settings: InferenceSettings, *, started: asyncio.Future | None = None,

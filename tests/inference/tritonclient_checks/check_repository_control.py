@@ -96,6 +96,7 @@ def test_explicit_control_loads_and_unloads(own_repository, radiographs, tmp_pat
             assert client.is_model_ready("custom_cnn"), "unloading one model leaves the others"
 
             expect_error("NOT_FOUND", lambda: client.load_model("no_such_model"), "no_such_model")
+            expect_error("NOT_FOUND", lambda: client.load_model("../model_repository/custom_cnn"))
     finally:
         assert server.terminate() == 0
 

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""End-to-end throughput through the gateway vs the same steps in one process, measured in one run.
+
+For each input (1024x1024 radiographs: the real NIH DICOM as stored (8-bit), the same pixels as a 16-bit
+12-bits-stored DICOM with a window, and as an 8-bit PNG):
+1. In-process baseline: cxr.imaging.read_image -> resize_for_model -> onnxruntime (batch 1) on the same ONNX
+   file, back to back in one thread: the work the stack does, minus gRPC, processes and batching.
+2. Stack: `cxr serve inference` + `cxr serve gateway` as subprocesses; N concurrent clients send Classify
+   requests with the file's bytes, back to back (N = 1, 4, 16).
+Prints images/s, p50/p99 latency, and the ratio to the in-process baseline.
+
+    python bench/gateway_throughput.py [--repository DIR] [--model ensemble] [--threads 2] [--duration 8]
+
+Repository: --repository, else ./model_repository when present, else a small one trained here on real
+radiographs (training.testing, 64x64 models; needs the [train] extra). Clients, gateway and inference share
+this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cxr import repository  # noqa: E402
+from cxr.imaging import read_image, resize_for_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+NIH_DICOM = "nih_1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
+
+
+def pick_repository(arg: str | None, workdir: Path) -> Path:
+    if arg:
+        return Path(arg)
+    default = ROOT / "model_repository"
+    if default.is_dir() and repository.list_models(default):
+        return default
+    from training.testing import build_test_repository  # the fallback needs torch
+
+    data = Path(os.environ.get("CXR_RAW_DATA", DATA / "cxr-raw"))
+    print(f"no model repository given: training a small one on {data} ...", flush=True)
+    return build_test_repository(data, workdir)
+
+
+def inputs() -> dict[str, bytes]:
+    """Three encodings of one real 1024x1024 chest radiograph (NIH ChestX-ray14, via ../shared/data/dicom)."""
+    import pydicom
+    from PIL import Image
+
+    path = Path(os.environ.get("CXR_DICOM_DATA", DATA / "dicom")) / NIH_DICOM
+    original = path.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(original))
+    pixels = ds.pixel_array.astype(np.uint16)
+    assert pixels.shape == (1024, 1024)
+    ds16 = pydicom.dcmread(io.BytesIO(original))
+    ds16.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds16.BitsAllocated, ds16.BitsStored, ds16.HighBit = 16, 12, 11
+    ds16.PixelData = (pixels * 16).tobytes()  # 12 bits stored, as a CR/DX modality writes
+    ds16.WindowCenter, ds16.WindowWidth = 2048, 4096
+    out16 = io.BytesIO()
+    ds16.save_as(out16, enforce_file_format=True)
+    png = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(png, format="PNG")
+    return {"dicom 8-bit 1024x1024": original, "dicom 16-bit 1024x1024": out16.getvalue(), "png 8-bit 1024x1024": png.getvalue()}
+
+
+def baseline(model_path: Path, size: int, data: bytes, threads: int, seconds: float) -> dict:
+    """Decode, resize and onnxruntime in this process, one image after another."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+    def once() -> None:
+        pixels = resize_for_model(read_image(data).pixels, size)
+        session.run(["probabilities"], {"image": pixels[None, None]})
+
+    for _ in range(3):
+        once()
+    latencies = []
+    stop_at = time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        once()
+        latencies.append(time.perf_counter() - t0)
+    return _summary(latencies, time.perf_counter() - start, 1, 0)
+
+
+def _summary(latencies: list[float], elapsed: float, clients: int, errors: int) -> dict:
+    latencies = sorted(latencies)
+    return {
+        "clients": clients,
+        "throughput": len(latencies) / elapsed,
+        "p50_ms": 1e3 * statistics.median(latencies),
+        "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "requests": len(latencies),
+        "errors": errors,
+    }
+
+
+def start(name: str, argv: list[str], workdir: Path, threads: int) -> tuple[subprocess.Popen, int]:
+    port_file = workdir / f"{name}.ports"
+    log = open(workdir / f"{name}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr", "serve", name, *argv, "--host", "127.0.0.1", "--port", "0",
+                             "--port-file", str(port_file)],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=log, stderr=subprocess.STDOUT)
+    end = time.monotonic() + 300
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise SystemExit(f"{name} did not start:\n{(workdir / f'{name}.log').read_text()[-3000:]}")
+        time.sleep(0.1)
+    return proc, int(port_file.read_text().split()[0])
+
+
+async def drive(port: int, model: str, data: bytes, clients: int, seconds: float) -> dict:
+    """`clients` concurrent callers sending Classify requests with `data`, back to back, for `seconds`."""
+    import grpc
+
+    from cxr.generated.cxr.v1 import gateway_pb2 as pb
+    from cxr.generated.cxr.v1 import gateway_pb2_grpc as pb_grpc
+
+    request = pb.ClassifyRequest(image=data, model_name=model)
+    latencies: list[float] = []
+    errors = 0
+    options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub = pb_grpc.GatewayStub(channel)
+        for _ in range(3):
+            await stub.Classify(request, timeout=60)
+
+        async def window(seconds: float, record: bool) -> None:
+            nonlocal errors
+            stop_at = time.perf_counter() + seconds
+
+            async def client() -> None:
+                nonlocal errors
+                while time.perf_counter() < stop_at:
+                    t0 = time.perf_counter()
+                    try:
+                        await stub.Classify(request, timeout=60)
+                        if record:
+                            latencies.append(time.perf_counter() - t0)
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+
+            await asyncio.gather(*(client() for _ in range(clients)))
+
+        await window(1.0, record=False)
+        errors = 0
+        start_at = time.perf_counter()
+        await window(seconds, record=True)
+        elapsed = time.perf_counter() - start_at
+    return _summary(latencies, elapsed, clients, errors)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", help="model repository (default: ./model_repository, else train a small one)")
+    parser.add_argument("--model", default=None, help="model (default: ensemble when present, else the first)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime intra-op threads, baseline and service alike")
+    parser.add_argument("--decode-workers", type=int, default=os.cpu_count() or 1, help="gateway decode threads")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent clients to measure")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="cxr-gw-bench-") as tmp:
+        workdir = Path(tmp)
+        repo = pick_repository(args.repository, workdir)
+        models = repository.list_models(repo)
+        model = args.model or ("ensemble" if "ensemble" in models else models[0])
+        config = repository.read_config(repo / model)
+        version = repository.select_versions(config, repository.list_versions(repo / model))[-1]
+        model_path = repository.model_path(repo / model, version, config)
+        size = int(config.input[0].dims[-1])
+        encoded = inputs()
+        print(f"model {model} v{version} ({size}x{size}); {args.threads} intra-op threads; {args.decode_workers} gateway "
+              f"decode workers; {os.cpu_count()} CPUs; {platform.processor() or platform.machine()}", flush=True)
+
+        results: dict[str, dict] = {}
+        for name, data in encoded.items():
+            results[name] = {"bytes": len(data), "baseline": baseline(model_path, size, data, args.threads, args.duration), "stack": []}
+            b = results[name]["baseline"]
+            print(f"  {name} ({len(data)} bytes) in-process: {b['throughput']:7.1f} images/s  p50 {b['p50_ms']:7.2f} ms", flush=True)
+
+        inference, inference_port = start("inference", ["--repository", str(repo), "--metrics-port", "0",
+                                                        "--intra-op-threads", str(args.threads)], workdir, args.threads)
+        gateway, gateway_port = start("gateway", ["--inference", f"127.0.0.1:{inference_port}", "--metrics-port", "0",
+                                                  "--decode-workers", str(args.decode_workers)], workdir, args.threads)
+        try:
+            for name, data in encoded.items():
+                for clients in (int(c) for c in args.clients.split(",")):
+                    row = asyncio.run(drive(gateway_port, model, data, clients, args.duration))
+                    row["ratio"] = row["throughput"] / results[name]["baseline"]["throughput"]
+                    results[name]["stack"].append(row)
+                    print(f"  {name} gateway N={clients:2d}: {row['throughput']:7.1f} images/s  p50 {row['p50_ms']:7.2f} ms  "
+                          f"p99 {row['p99_ms']:7.2f} ms  ratio {row['ratio']:.2f}  errors {row['errors']}", flush=True)
+        finally:
+            for proc in (gateway, inference):
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+
+    print()
+    print("| input | mode | clients | images/s | p50 ms | p99 ms | ratio to in-process |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, result in results.items():
+        b = result["baseline"]
+        print(f"| {name} | in-process decode+resize+onnxruntime | 1 | {b['throughput']:.1f} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | 1.00 |")
+        for row in result["stack"]:
+            print(f"| {name} | gateway -> inference (gRPC) | {row['clients']} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
+                  f"{row['p99_ms']:.2f} | {row['ratio']:.2f} |")
+    print("\nCPU only. Clients, gateway and inference share the machine's cores with each other.")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model, "version": version, "size": size, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
