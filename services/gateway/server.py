@@ -317,7 +317,7 @@ class Gateway:
 
         self.settings = settings
         self.metrics = GatewayMetrics()
-        self.upstream = InferenceClient(settings, on_readiness=self._on_readiness)
+        self.upstream = InferenceClient(settings, on_readiness=self._on_readiness, on_retry=self.metrics.upstream_retries.inc)
         self.service = GatewayService(settings, self.upstream, self.metrics)
         tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
         limit = settings.max_image_bytes + 64 * 1024  # the image plus the request's other fields

@@ -83,8 +83,10 @@ def _square_size(shape) -> int:
 
 
 class InferenceClient:
-    def __init__(self, settings: GatewaySettings, on_readiness: Callable[[bool], None] | None = None):
+    def __init__(self, settings: GatewaySettings, on_readiness: Callable[[bool], None] | None = None,
+                 on_retry: Callable[[], None] | None = None):
         self.settings = settings
+        self._on_retry = on_retry
         self.ready = False
         self._on_readiness = on_readiness
         self._cache: dict[tuple[str, str], ModelSpec] = {}
@@ -106,7 +108,6 @@ class InferenceClient:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._poller: asyncio.Task | None = None
         self._check: asyncio.Task | None = None
-        self.retries = 0  # UNAVAILABLE retries made (a counter for metrics)
 
     # ---- lifecycle and readiness -------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,7 +162,8 @@ class InferenceClient:
                     self._schedule_ready_check()
                     if attempt < self.settings.upstream_retries and deadline - time.monotonic() > backoff:
                         attempt += 1
-                        self.retries += 1
+                        if self._on_retry:
+                            self._on_retry()
                         await asyncio.sleep(backoff)
                         backoff *= 2
                         continue

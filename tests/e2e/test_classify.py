@@ -178,3 +178,24 @@ def test_health_and_reflection(gateway_service):
         assert {"cxr.v1.Gateway", "grpc.health.v1.Health"} <= names
     finally:
         channel.close()
+
+
+def test_cancelled_stream_is_harmless(gateway_stub, gateway_service, dicom_dir: Path):
+    data = (dicom_dir / "RG1_J2KI.dcm").read_bytes()  # the slowest file to decode
+    call = gateway_stub.ClassifyStream(iter([pb.ClassifyRequest(image=data, request_id=f"c{i}") for i in range(20)]), timeout=120)
+    first = next(call)
+    assert first.request_id == "c0"
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert gateway_stub.Classify(pb.ClassifyRequest(image=data), timeout=60).top_class
+    assert gateway_service.alive()
+
+
+def test_deadline_shorter_than_the_work(gateway_stub, dicom_dir: Path):
+    data = (dicom_dir / "RG1_J2KI.dcm").read_bytes()
+    with pytest.raises(grpc.RpcError) as info:
+        gateway_stub.Classify(pb.ClassifyRequest(image=data), timeout=0.05)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert gateway_stub.Classify(pb.ClassifyRequest(image=data), timeout=60).top_class

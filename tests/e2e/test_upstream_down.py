@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 from grpc_health.v1 import health_pb2
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
@@ -47,6 +48,11 @@ def test_unavailable_quickly_while_down_and_serving_again_after(trained_reposito
         assert processes.health_status(gateway.address) == health_pb2.HealthCheckResponse.NOT_SERVING
         for _ in range(3):
             assert _classify(gateway.address, data) == grpc.StatusCode.UNAVAILABLE
+        metrics = requests.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10).text
+        assert 'cxr_gateway_requests_total{code="UNAVAILABLE"' in metrics
+        retries = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("cxr_gateway_upstream_retries_total ")]
+        assert retries and retries[0] >= 3, "UNAVAILABLE is retried (with backoff) before giving up"
+        assert "cxr_gateway_upstream_ready 0.0" in metrics
         # 2. the inference service starts on that port: the gateway becomes ready by itself and serves
         inference = processes.start_inference(trained_repository, tmp_path / "inference", port=port,
                                               extra=["--model-control", "explicit", "--load-model", "custom_cnn"])
