@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# Triton's execution accelerator names -> onnxruntime providers
+_ACCELERATORS = {"tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -42,16 +44,22 @@ def choose_providers(requested: list[str], config: ModelConfig) -> list[str]:
         missing = [p for p in requested if p not in available]
         if missing:
             log.warning("providers %s are not in this onnxruntime build (%s); using %s", missing, available, chosen)
-        return chosen or [CPU]
+        return chosen + [CPU] if CPU not in chosen else chosen  # the CPU stays the last resort
     kinds = {g.kind for g in config.instance_group}
+    accelerators = config.optimization.execution_accelerators
+    cpu_first = [_ACCELERATORS[a.name.lower()] for a in accelerators.cpu_execution_accelerator
+                 if _ACCELERATORS.get(a.name.lower()) in available]
     if kinds and kinds <= {ModelInstanceGroup.KIND_CPU}:
-        return [CPU]
+        return [*cpu_first, CPU]
     if CUDA in available and gpu_visible():
-        return [CUDA, CPU]
+        # Triton's gpu_execution_accelerator [{name: "tensorrt"}] puts TensorRT in front of CUDA.
+        gpu_first = [_ACCELERATORS[a.name.lower()] for a in accelerators.gpu_execution_accelerator
+                     if _ACCELERATORS.get(a.name.lower()) in available]
+        return [*gpu_first, CUDA, CPU]
     if kinds & {ModelInstanceGroup.KIND_GPU}:
         log.warning("model %s asks for KIND_GPU but no usable CUDA provider/GPU is present: falling back to CPU",
                     config.name)
-    return [CPU]
+    return [*cpu_first, CPU]
 
 
 def _graph_level(config: ModelConfig, default: str) -> ort.GraphOptimizationLevel:
