@@ -71,8 +71,12 @@ def test_inference_service_is_headless_and_the_gateway_balances_per_call(objects
 @pytest.mark.parametrize("name,port", [("inference", 8001), ("gateway", 50051)])
 def test_grpc_probes_and_ports(objects, name, port):
     [container] = pod_spec(objects, name)["containers"]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == port, f"{name} {probe} must ask the gRPC health service"
+    assert container["readinessProbe"]["grpc"]["port"] == port, f"{name} readiness must ask the gRPC health service"
+    if name == "inference":
+        assert container["livenessProbe"]["grpc"]["port"] == port
+        assert container["startupProbe"]["grpc"]["port"] == port, "model loading needs time before liveness counts"
+    else:  # the gateway's health follows its upstream: liveness must not restart gateways while inference is down
+        assert container["livenessProbe"]["tcpSocket"]["port"] == port
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == port and "metrics" in ports
     args = container["args"]
