@@ -199,3 +199,29 @@ def test_deadline_shorter_than_the_work(gateway_stub, dicom_dir: Path):
         gateway_stub.Classify(pb.ClassifyRequest(image=data), timeout=0.05)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert gateway_stub.Classify(pb.ClassifyRequest(image=data), timeout=60).top_class
+
+
+def test_concurrent_requests_each_get_their_own_answer(gateway_stub, cxr_raw_dir: Path, trained_repository: Path, onnx_reference):
+    """Many callers at once (the inference service batches them): every answer belongs to its own request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [p for folder in ("Normal", "Lung_Opacity", "Viral Pneumonia") for p in sorted((cxr_raw_dir / folder).glob("*.png"))[:8]]
+    jobs = [(f"req-{i}", p.read_bytes(), i % 5 == 4) for i, p in enumerate(paths)]  # every 5th is cut short
+
+    def call(job):
+        rid, data, bad = job
+        try:
+            return rid, gateway_stub.Classify(pb.ClassifyRequest(image=data[:200] if bad else data, request_id=rid, model_name="custom_cnn"), timeout=120)
+        except grpc.RpcError as exc:
+            return rid, exc.code()
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = dict(pool.map(call, jobs))
+    assert len(answers) == len(jobs)
+    for rid, data, bad in jobs:
+        answer = answers[rid]
+        if bad:
+            assert answer == grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            assert answer.request_id == rid
+            _check_against_onnx(answer, data, trained_repository, onnx_reference)
