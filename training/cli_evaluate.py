@@ -37,12 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from training.train import setup_logging
 
     runs = expand_runs(args.runs)
-    common = Path(os.path.commonpath([str(r.resolve()) for r in runs]))
-    if len(runs) > 1 and common in [r.resolve() for r in runs]:
-        common = common.parent
-    elif len(runs) > 1 or not (common / "config.json").is_file():
-        pass
-    setup_logging(common if len(runs) > 1 else runs[0])
+    # where shared outputs go (comparison.md, ensemble/): the run itself, or the folder that holds the runs
+    home = runs[0] if len(runs) == 1 else Path(os.path.commonpath([str(r.resolve()) for r in runs]))
+    setup_logging(home)
     results = []
     for r in runs:
         m = evaluate_run(r, args.data)
@@ -51,13 +48,13 @@ def run(args: argparse.Namespace) -> int:
               f"ECE {m['ece_before']:.3f} -> {m['ece_after_cross_fitted']:.3f} (T={m['temperature']:.2f}); "
               + ", ".join(f"{s} {v['accuracy']:.3f} (n={v['n']})" for s, v in m["per_source"].items()))
     if args.ensemble:
-        m = evaluate_ensemble(runs, common / "ensemble", args.data)
+        m = evaluate_ensemble(runs, home / "ensemble", args.data)
         results.append(m)
         print(f"ensemble: accuracy {m['accuracy']:.3f}, macro AUC {m['macro_auc']:.3f}, macro F1 {m['macro_f1']:.3f}")
     table = comparison_table(results)
     if any(m.get("synthetic_demo") for m in results):
         table = "**SYNTHETIC DEMO DATA (phantoms): not a medical result.**\n\n" + table
-    out = Path(args.table) if args.table else (common if len(runs) > 1 else runs[0]) / "comparison.md"
+    out = Path(args.table) if args.table else home / "comparison.md"
     out.write_text(table)
     print(table)
     print(f"table written to {out}; metrics.json and plots in each run folder. Not for clinical use.")

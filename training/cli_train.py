@@ -62,5 +62,9 @@ def run(args: argparse.Namespace) -> int:
             patience=args.patience, ema_decay=args.ema_decay, val_fraction=args.val_fraction, seed=args.seed, max_per_class=args.max_per_class,
             threads=args.threads,
         )
-        train(cfg, out / arch if args.arch == "all" else out, resume=args.resume)
+        try:
+            train(cfg, out / arch if args.arch == "all" else out, resume=args.resume)
+        except (FileNotFoundError, RuntimeError) as exc:  # missing data or weights: say what to do, no traceback
+            print(f"cxr train: {exc}")
+            return 2
     return 0

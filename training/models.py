@@ -87,13 +87,23 @@ def _imagenet_weights(arch: str):
 def build_model(architecture: str, num_classes: int, weights: str = "none", dropout: float = 0.2) -> CxrNet:
     """Build a network. weights: "none" (from scratch), "imagenet" (torchvision's, downloaded when online) or a path
     to a state dict of the torchvision backbone or of a CxrNet checkpoint."""
-    from torchvision import models as tvm
-
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     if weights == "imagenet" and architecture == "custom_cnn":
         raise ValueError("custom_cnn has no ImageNet weights; use --weights none")
     tv_weights = _imagenet_weights(architecture) if weights == "imagenet" else None
+    try:
+        return _build(architecture, num_classes, weights, tv_weights, dropout)
+    except OSError as exc:  # urllib's URLError is an OSError: no internet to download the ImageNet weights
+        if weights != "imagenet":
+            raise
+        raise RuntimeError(f"could not download torchvision's ImageNet weights for {architecture} ({exc}). Download "
+                           "them where there is internet (they land in ~/.cache/torch/hub/checkpoints) or pass "
+                           "--weights PATH to a saved state dict, or --weights none to train from scratch") from None
+
+
+def _build(architecture: str, num_classes: int, weights: str, tv_weights, dropout: float) -> CxrNet:
+    from torchvision import models as tvm
 
     if architecture == "custom_cnn":
         backbone, nfeat = custom_cnn_backbone()

@@ -137,3 +137,28 @@ def test_resume_continues_exactly_where_it_stopped(cxr_raw_dir, tmp_path):
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_transfer_learning_from_a_weights_file_freezes_then_fine_tunes_the_top(cxr_raw_dir, tmp_path):
+    from torchvision.models import mobilenet_v3_large
+
+    torch.manual_seed(1)
+    source = mobilenet_v3_large().state_dict()  # stands in for ImageNet weights (no internet here)
+    torch.save(source, tmp_path / "backbone.pt")
+
+    def cfg(epochs):
+        return TrainConfig(data=str(cxr_raw_dir), architecture="mobilenet", image_size=64, epochs=epochs, max_per_class=8,
+                           weights=str(tmp_path / "backbone.pt"), frozen_epochs=1, fine_tune_layers=1, ema_decay=0)
+
+    run = tmp_path / "run"
+    train(cfg(1), run)
+    assert "Transfer learning from" in (run / "train.log").read_text()
+    after_frozen = torch.load(run / "last.pt", weights_only=False)["model"]
+    first_conv, last_conv = "backbone.0.0.weight", "backbone.16.0.weight"
+    assert torch.equal(after_frozen[first_conv], source["features.0.0.weight"])  # loaded, and frozen in epoch 1
+    assert torch.equal(after_frozen[last_conv], source["features.16.0.weight"])
+    assert torch.equal(after_frozen["backbone.0.1.running_mean"], source["features.0.1.running_mean"])
+    train(cfg(2), run)  # epoch 2: the top block (features.16) is fine-tuned, the rest stays
+    after = torch.load(run / "last.pt", weights_only=False)["model"]
+    assert torch.equal(after[first_conv], source["features.0.0.weight"])
+    assert not torch.equal(after[last_conv], source["features.16.0.weight"])
