@@ -2,9 +2,11 @@
 """Inference service throughput vs raw onnxruntime, measured in one run on the same machine.
 
 1. Raw: onnxruntime alone on the same model file, same intra-op threads, at batch sizes 1..max_batch_size;
-   the best batch size's images/s is the baseline.
+   the best batch size is the baseline's.
 2. Service: `cxr serve inference` as a subprocess (its dynamic batcher as config.pbtxt says), driven by N
    concurrent clients that each send one image per request, back to back (N = 1, 8, 32, 64).
+   Each round measures raw at the best batch size, then the service; the ratio is taken within a round (a
+   shared machine's load drifts), and the table gives medians over the rounds.
 Prints throughput, p50/p99 latency and the ratio to raw. Target: >= 0.9 of raw at N = 32.
 
     python bench/inference_throughput.py [--repository DIR] [--model resnet50] [--threads 2] [--duration 10]
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+OUTPUT = "probabilities"  # what a classifying client asks for (raw computes the same)
 sys.path.insert(0, str(ROOT))
 
 from cxr import repository  # noqa: E402
@@ -61,29 +64,28 @@ def load_images(size: int, count: int = 64) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (count, 1, size, size), dtype=np.uint8)
 
 
-def raw_throughput(model_path: Path, images: np.ndarray, threads: int, max_batch: int, seconds: float,
-                   only: int | None = None) -> dict:
-    import onnxruntime as ort
+class RawModel:
+    """onnxruntime alone on the model file: the baseline."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    outputs = [o.name for o in session.get_outputs()]
-    results = {}
-    batch = only or 1
-    while batch <= max_batch:
-        feed = {"image": np.resize(images, (batch, *images.shape[1:]))}
+    def __init__(self, model_path: Path, images: np.ndarray, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.outputs = [OUTPUT]  # the same output the clients ask the service for
+        self.images = images
+
+    def throughput(self, batch: int, seconds: float) -> float:
+        feed = {"image": np.resize(self.images, (batch, *self.images.shape[1:]))}
         for _ in range(3):
-            session.run(outputs, feed)
+            self.session.run(self.outputs, feed)
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            session.run(outputs, feed)
+            self.session.run(self.outputs, feed)
             done += batch
-        results[batch] = done / (time.perf_counter() - start)
-        print(f"  raw onnxruntime batch {batch:3d}: {results[batch]:8.1f} images/s", flush=True)
-        batch *= 2
-    return results
+        return done / (time.perf_counter() - start)
 
 
 def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
@@ -115,7 +117,7 @@ async def drive(port: int, model: str, images: np.ndarray, clients: int, seconds
         request = pb.ModelInferRequest(model_name=model, id=f"bench-{i}")
         request.inputs.add(name="image", datatype="UINT8", shape=[1, *images.shape[1:]])
         request.raw_input_contents.append(images[i:i + 1].tobytes())
-        request.outputs.add(name="probabilities")
+        request.outputs.add(name=OUTPUT)
         requests.append(request)
     latencies: list[float] = []
     errors = 0
@@ -165,8 +167,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="onnxruntime intra-op threads, for raw and for the service alike")
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent single-image clients to measure")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per client count")
-    parser.add_argument("--raw-duration", type=float, default=3.0, help="seconds measured per raw batch size")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds of service load per round")
+    parser.add_argument("--rounds", type=int, default=3, help="raw-then-service rounds per client count")
+    parser.add_argument("--raw-duration", type=float, default=2.0, help="seconds per batch size in the raw sweep")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for `cxr serve inference`")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -187,38 +190,60 @@ def main() -> int:
               f"{sum(g.count for g in config.instance_group) or 1}); {args.threads} intra-op threads; "
               f"{os.cpu_count()} CPUs; {platform.processor() or platform.machine()}", flush=True)
 
-        raw = raw_throughput(model_path, images, args.threads, max(1, config.max_batch_size), args.raw_duration)
-        best_batch = max(raw, key=raw.get)
-        baseline = raw[best_batch]
+        raw_model = RawModel(model_path, images, args.threads)
+        sweep = {}
+        batch = 1
+        while batch <= max(1, config.max_batch_size):
+            sweep[batch] = raw_model.throughput(batch, args.raw_duration)
+            print(f"  raw onnxruntime batch {batch:3d}: {sweep[batch]:8.1f} images/s", flush=True)
+            batch *= 2
+        best_batch = max(sweep, key=sweep.get)
 
+        # On a shared machine the load changes from minute to minute: each round measures raw (at the best batch
+        # size) and then the service right after it, and the ratio is taken within the round.
         proc, port = start_server(repo, workdir, args.threads, args.server_arg)
         rows = []
         try:
             for clients in (int(c) for c in args.clients.split(",")):
-                row = asyncio.run(drive(port, model, images, clients, args.duration))
-                rows.append(row)
-                print(f"  service N={clients:3d}: {row['throughput']:8.1f} images/s  p50 {row['p50_ms']:7.2f} ms  "
-                      f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}", flush=True)
+                rounds = []
+                for _ in range(args.rounds):
+                    raw = raw_model.throughput(best_batch, args.duration / 2)
+                    service = asyncio.run(drive(port, model, images, clients, args.duration))
+                    rounds.append((raw, service))
+                    print(f"  N={clients:3d}: raw {raw:8.1f}  service {service['throughput']:8.1f} images/s  "
+                          f"ratio {service['throughput'] / raw:.2f}  p50 {service['p50_ms']:7.2f} ms  "
+                          f"p99 {service['p99_ms']:7.2f} ms  errors {service['errors']}", flush=True)
+                ratios = [s["throughput"] / r for r, s in rounds]
+                rows.append({
+                    "clients": clients,
+                    "raw": statistics.median(r for r, _ in rounds),
+                    "throughput": statistics.median(s["throughput"] for _, s in rounds),
+                    "p50_ms": statistics.median(s["p50_ms"] for _, s in rounds),
+                    "p99_ms": statistics.median(s["p99_ms"] for _, s in rounds),
+                    "ratio": statistics.median(ratios),
+                    "ratio_range": [min(ratios), max(ratios)],
+                    "errors": sum(s["errors"] for _, s in rounds),
+                })
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-        # The machine may have got busier or quieter meanwhile: measure raw again, keep the higher baseline.
-        again = raw_throughput(model_path, images, args.threads, best_batch, args.raw_duration, only=best_batch)
-        baseline = max(baseline, again[best_batch])
-        for row in rows:
-            row["ratio"] = row["throughput"] / baseline
 
     print()
-    print(f"| mode | clients | batch | images/s | p50 ms | p99 ms | ratio to raw |")
-    print(f"|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| raw onnxruntime | - | {best_batch} (best; higher of before/after) | {baseline:.1f} | - | - | 1.00 |")
+    print(f"raw onnxruntime sweep (images/s by batch size): "
+          + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()) + f"; best batch {best_batch}")
+    print(f"median of {args.rounds} rounds of {args.duration:g} s; each ratio is service / raw measured in the same round")
+    print("| clients | raw images/s (batch %d) | service images/s | p50 ms | p99 ms | ratio to raw (min-max) | errors |"
+          % best_batch)
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| service | {row['clients']} | dynamic | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
-              f"{row['p99_ms']:.2f} | {row['ratio']:.2f} |")
+        print(f"| {row['clients']} | {row['raw']:.1f} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
+              f"{row['p99_ms']:.2f} | {row['ratio']:.2f} ({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) "
+              f"| {row['errors']} |")
     print("\nCPU only (onnxruntime CPUExecutionProvider); a CUDA run needs a GPU machine.")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model, "version": version, "threads": args.threads,
-                                               "raw": raw, "best_batch": best_batch, "service": rows}, indent=2))
+                                               "raw_sweep": sweep, "best_batch": best_batch, "service": rows},
+                                              indent=2))
     return 0
 
 

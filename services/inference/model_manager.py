@@ -254,7 +254,7 @@ class ModelManager:
         sha256 = repository.sha256_file(path)
         pool = SessionPool(path, config, providers=providers, intra_op_threads=self.settings.intra_op_threads,
                            inter_op_threads=self.settings.inter_op_threads,
-                           graph_optimization=self.settings.graph_optimization)
+                           graph_optimization=self.settings.graph_optimization, spin_wait=self.settings.spin_wait)
         _check_against_session("input", inputs, pool.inputs(), config.max_batch_size, every=True)
         _check_against_session("output", outputs, pool.outputs(), config.max_batch_size, every=False)
         if self.settings.warmup:

@@ -84,8 +84,9 @@ class SessionPool:
     """
 
     def __init__(self, path: Path, config: ModelConfig, *, providers: list[str], intra_op_threads: int,
-                 inter_op_threads: int, graph_optimization: str):
+                 inter_op_threads: int, graph_optimization: str, spin_wait: bool = True):
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         # Triton's onnxruntime backend reads the thread counts from these config parameters too.
         options.intra_op_num_threads = _int_parameter(config, "intra_op_thread_count", intra_op_threads)
         options.inter_op_num_threads = _int_parameter(config, "inter_op_thread_count", inter_op_threads)
