@@ -45,6 +45,13 @@ def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_r
     onnx = own_repository / "truncated" / "1" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:5000])
 
+    # version_policy specific: version 1 and a version 5 that has no folder
+    config_path = own_repository / "custom_cnn" / "config.pbtxt"
+    config = config_path.read_text()
+    assert "version_policy {\n  all {\n  }\n}" in config
+    config_path.write_text(config.replace("version_policy {\n  all {\n  }\n}",
+                                          "version_policy { specific { versions: [1, 5] } }"))
+
     server = start_server(own_repository, tmp_path / "server")  # model control none: load everything at start
     try:
         with triton.InferenceServerClient(server.url) as client:
@@ -56,8 +63,16 @@ def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_r
             assert "dims [1, 32, 32]" in index["wrong_dims"].reason and "64" in index["wrong_dims"].reason
             assert "version 1" in index["truncated"].reason
             for name in ("custom_cnn", "mobilenet", "resnet50", "ensemble"):
-                assert index[name].state == "READY", name
-                assert client.is_model_ready(name)
+                assert client.is_model_ready(name), name
+            rows = {(m.name, m.version): (m.state, m.reason) for m in client.get_model_repository_index().models}
+            assert rows[("custom_cnn", "1")] == ("READY", "")
+            assert rows[("custom_cnn", "5")][0] == "UNAVAILABLE" and "no folder" in rows[("custom_cnn", "5")][1]
+            assert ("custom_cnn", "2") not in rows, "version 2 is not in the specific policy"
+            assert rows[("mobilenet", "1")] == ("READY", "")
+            newest = client.infer("custom_cnn", [image_input(radiographs[:1])])
+            assert newest.get_response().model_version == "1"
+            expect_error("NOT_FOUND", lambda: client.infer("custom_cnn", [image_input(radiographs[:1])],
+                                                           model_version="2"), "served versions: [1]")
             expect_error("UNAVAILABLE", lambda: client.infer("wrong_dims", [image_input(radiographs[:1])]),
                          "wrong_dims", "not ready")
             result = client.infer("mobilenet", [image_input(radiographs[:2])])
