@@ -22,6 +22,7 @@ FLAGS = {
     "--max-image-pixels": ("max_image_pixels", int),
     "--decode-workers": ("decode_workers", int),
     "--request-timeout": ("request_timeout_s", float),
+    "--lb-policy": ("lb_policy", str),
     "--tls-cert": ("tls_cert", Path),
     "--tls-key": ("tls_key", Path),
     "--tls-client-ca": ("tls_client_ca", Path),

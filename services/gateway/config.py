@@ -42,6 +42,8 @@ class GatewaySettings(BaseSettings):
     """How long model metadata (classes, input size) is cached before it is fetched again."""
     readiness_interval_s: float = 1.0
     """How often the gateway checks the inference service's readiness."""
+    lb_policy: str = "round_robin"
+    """gRPC load-balancing policy over the upstream's addresses (round_robin: per call, across inference pods)."""
     upstream_tls: bool = False
     """Use TLS to the inference service."""
     upstream_ca: Path | None = None

@@ -99,6 +99,8 @@ class InferenceClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # a headless Service (dns:///inference:8001) resolves to one address per pod: balance per call
+            ("grpc.lb_policy_name", settings.lb_policy),
         ]
         if settings.upstream_tls or settings.upstream_ca or settings.upstream_cert:
             creds = channel_credentials(settings.upstream_ca, settings.upstream_cert, settings.upstream_key)

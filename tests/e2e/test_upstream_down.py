@@ -41,7 +41,8 @@ def _wait_health(address: str, wanted: int, timeout: float = 60.0) -> None:
 def test_unavailable_quickly_while_down_and_serving_again_after(trained_repository: Path, dicom_dir: Path, tmp_path: Path):
     data = (dicom_dir / "CR-MONO1-10-chest.dcm").read_bytes()
     port = processes.free_port()
-    gateway = processes.start_gateway(f"127.0.0.1:{port}", tmp_path / "gateway", extra=["--request-timeout", str(DEADLINE_S)])
+    # the Kubernetes form of the target (dns:/// + round_robin over every resolved address)
+    gateway = processes.start_gateway(f"dns:///localhost:{port}", tmp_path / "gateway", extra=["--request-timeout", str(DEADLINE_S)])
     inference = None
     try:
         # 1. nothing listens upstream: NOT_SERVING, and UNAVAILABLE, not DEADLINE_EXCEEDED after 30 s
