@@ -341,9 +341,12 @@ class Gateway:
         self.security = {"tls": bool(settings.tls_cert), "mtls": bool(settings.tls_client_ca), "token_auth": bool(tokens)}
         self.metrics_port = 0
         self._tasks: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT (serve_until_terminated sets it)
 
     def _on_readiness(self, ready: bool) -> None:
         self.metrics.upstream_ready.set(1 if ready else 0)
+        if self.stopping.is_set():
+            return  # shutting down: readiness stays false whatever the upstream says
         if ready != self.readiness.ready:
             task = asyncio.get_running_loop().create_task(self.readiness.set(ready))
             self._tasks.add(task)
@@ -377,12 +380,15 @@ async def serve(settings: GatewaySettings, started: asyncio.Future | None = None
     from services.common.serving import serve_until_terminated
 
     gateway = Gateway(settings)
+    if stop_event is not None:
+        gateway.stopping = stop_event
     await gateway.start()
     if started is not None and not started.done():
         started.set_result((gateway.port, gateway.metrics_port))
     try:
         await serve_until_terminated(
-            gateway.server, gateway.readiness, grace_period_s=settings.shutdown_grace_s, drain=gateway.drain, stop_event=stop_event
+            gateway.server, gateway.readiness, grace_period_s=settings.shutdown_grace_s, drain=gateway.drain,
+            stop_event=gateway.stopping,
         )
     finally:
         await gateway.close()

@@ -110,6 +110,7 @@ class InferenceClient:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._poller: asyncio.Task | None = None
         self._check: asyncio.Task | None = None
+        self._fetching: dict[tuple[str, str], asyncio.Future] = {}
 
     # ---- lifecycle and readiness -------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,11 +174,27 @@ class InferenceClient:
 
     # ---- model metadata ----------------------------------------------------------------------------
     async def model(self, name: str, version: str, deadline: float) -> ModelSpec:
-        """Metadata of `name` (version "" = the newest ready one), from the cache while fresh."""
+        """Metadata of `name` (version "" = the newest ready one), from the cache while fresh.
+
+        Concurrent callers of a model whose metadata is missing or stale share one fetch."""
         key = (name, version)
         cached = self._cache.get(key)
         if cached and time.monotonic() - cached.fetched_at < self.settings.metadata_ttl_s:
             return cached
+        pending = self._fetching.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch_model(name, version, deadline))
+            self._fetching[key] = pending
+            pending.add_done_callback(lambda _: self._fetching.pop(key, None))
+        # shield: one caller giving up (cancelled) must not cancel the fetch the others wait for
+        return await asyncio.shield(pending)
+
+    def forget(self, name: str, version: str) -> None:
+        """Drop cached metadata (after the model failed in a way that may mean it changed or went away)."""
+        self._cache.pop((name, version), None)
+
+    async def _fetch_model(self, name: str, version: str, deadline: float) -> ModelSpec:
+        key = (name, version)
         meta = await self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=name, version=version), deadline)
         try:
             config = (await self._call(self._stub.ModelConfig, pb.ModelConfigRequest(name=name, version=version), deadline)).config
@@ -241,7 +258,12 @@ class InferenceClient:
         request.outputs.add().name = PROBABILITIES
         if want_cam and CAM in spec.outputs:
             request.outputs.add().name = CAM
-        response = await self._call(self._stub.ModelInfer, request, deadline)
+        try:
+            response = await self._call(self._stub.ModelInfer, request, deadline)
+        except UpstreamError as exc:
+            if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                self.forget(spec.name, version)  # unloaded, or reloaded with other inputs: fetch again next time
+            raise
         tensors = _output_tensors(response)
         if PROBABILITIES not in tensors:
             raise UpstreamError(grpc.StatusCode.INTERNAL, "the inference response has no probabilities")

@@ -1,0 +1,42 @@
+"""SIGTERM: requests already accepted are answered (drained within the grace period), then the gateway exits 0."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from cxr.generated.cxr.v1 import gateway_pb2 as pb
+from cxr.generated.cxr.v1 import gateway_pb2_grpc
+from tests.gateway import processes
+
+
+def test_sigterm_drains_accepted_requests(inference_service, dicom_dir: Path, tmp_path: Path):
+    gateway = processes.start_gateway(inference_service.address, tmp_path, extra=["--decode-workers", "1"])
+    processes.wait_ready(gateway.address)
+    data = (dicom_dir / "RG1_J2KI.dcm").read_bytes()  # JPEG 2000, 1955x1841: slow enough to be caught in flight
+    channel = grpc.insecure_channel(gateway.address)
+    stub = gateway_pb2_grpc.GatewayStub(channel)
+
+    def call(i: int):
+        try:
+            return stub.Classify(pb.ClassifyRequest(image=data, request_id=f"drain-{i}"), timeout=60).request_id
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = [pool.submit(call, i) for i in range(4)]
+            time.sleep(0.5)  # all four are accepted; one thread decodes them one after another
+            gateway.process.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in futures]
+        assert answers == [f"drain-{i}" for i in range(4)]
+        assert gateway.process.wait(30) == 0
+        log = gateway.log_text()
+        assert log.count('"code":"OK"') == 4 and "shutting down" in log
+    finally:
+        channel.close()
+        gateway.kill()
