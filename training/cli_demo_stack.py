@@ -61,7 +61,8 @@ def _train_demo_model(args: argparse.Namespace, repository: Path, work: Path) ->
     data = Path(args.data)
     if args.synthetic or not data.is_dir():
         data = work / "phantoms"
-        _step(f"no real radiographs at {args.data}: generating synthetic phantoms in {data} (a demo, not medical data)")
+        why = "--synthetic given" if args.synthetic else f"no real radiographs at {args.data}"
+        _step(f"{why}: generating synthetic phantoms in {data} (a demo, not medical data)")
         if not data.is_dir():
             _check(_cxr("demo-data", "--out", str(data)))
     else:
