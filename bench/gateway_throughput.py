@@ -4,7 +4,8 @@
 For each input (1024x1024 radiographs: the real NIH DICOM as stored (8-bit), the same pixels as a 16-bit
 12-bits-stored DICOM with a window, and as an 8-bit PNG):
 1. In-process baseline: cxr.imaging.read_image -> resize_for_model -> onnxruntime (batch 1) on the same ONNX
-   file, back to back in one thread: the work the stack does, minus gRPC, processes and batching.
+   file, back to back in one thread: the work the stack does, minus gRPC, processes and batching. Measured
+   before and after the stack; the faster of the two is the baseline.
 2. Stack: `cxr serve inference` + `cxr serve gateway` as subprocesses; N concurrent clients send Classify
    requests with the file's bytes, back to back (N = 1, 4, 16).
 Prints images/s, p50/p99 latency, and the ratio to the in-process baseline.
@@ -217,6 +218,16 @@ def main() -> int:
             for proc in (gateway, inference):
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
+        # other work on the machine shifts the numbers over a run: measure the baseline again afterwards and
+        # keep the faster of the two, so the ratio is never flattered by a slow baseline
+        for name, data in encoded.items():
+            again = baseline(model_path, size, data, args.threads, args.duration)
+            first = results[name]["baseline"]
+            print(f"  {name} in-process again: {again['throughput']:7.1f} images/s (before: {first['throughput']:.1f})", flush=True)
+            if again["throughput"] > first["throughput"]:
+                results[name]["baseline"] = again
+            for row in results[name]["stack"]:
+                row["ratio"] = row["throughput"] / results[name]["baseline"]["throughput"]
 
     print()
     print("| input | mode | clients | images/s | p50 ms | p99 ms | ratio to in-process |")
