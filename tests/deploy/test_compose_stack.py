@@ -91,12 +91,17 @@ def classify(stack: Stack, image: Path, model: str) -> subprocess.CompletedProce
                            "--model", model, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def stack(trained_repository: Path, tmp_path_factory) -> Stack:
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """Session-scoped so that it runs before `trained_repository` (minutes of training) when there is no engine."""
     require(shutil.which("docker") is not None and shutil.which("docker-compose") is not None,
             "docker and docker-compose are not installed (see ../shared/tools/docker-local.sh)")
     require(docker("info", timeout=30).returncode == 0,
             "no Docker engine reachable: run `eval \"$(../shared/tools/docker-local.sh)\"` first")
+
+
+@pytest.fixture(scope="module")
+def stack(docker_engine: None, trained_repository: Path, tmp_path_factory) -> Stack:
 
     # The servers mount the repository read-only as uid 10001: a world-readable copy of our exported models.
     repository = tmp_path_factory.mktemp("compose") / "model_repository"
