@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 
 from cxr.generated.cxr.v1 import gateway_pb2_grpc
+from tests.e2e.limits import GATEWAY_MAX_IMAGE_BYTES, GATEWAY_MAX_PIXELS
 from tests.gateway import processes
-
-GATEWAY_MAX_IMAGE_BYTES = 8 * 1024 * 1024
-# the gateway's pixel limit in these tests: every corpus bomb is beyond it, every real file within it
-GATEWAY_MAX_PIXELS = 40_000_000
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
-from tests.e2e.conftest import GATEWAY_MAX_IMAGE_BYTES
+from tests.e2e.limits import GATEWAY_MAX_IMAGE_BYTES
 from tests.gateway import corpus
 
 FORMATS = {None: pb.IMAGE_FORMAT_UNSPECIFIED, "png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "dicom": pb.IMAGE_FORMAT_DICOM}

@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+from conftest import require  # tests/conftest.py
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from cxr.generated.cxr.v1 import gateway_pb2_grpc
-from tests.conftest import require
 from tests.gateway import processes
 
 OK_REQUESTS, BAD_REQUESTS, NOT_FOUND_REQUESTS = 7, 3, 2

@@ -1,0 +1,1 @@
+"""End-to-end tests: the real inference service and gateway on loopback."""

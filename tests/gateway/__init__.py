@@ -1,0 +1,1 @@
+"""Gateway tests: the image reader, security, logs, heatmaps (no inference service needed)."""
