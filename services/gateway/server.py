@@ -99,14 +99,19 @@ class GatewayService(pb_grpc.GatewayServicer):
             try:
                 async for request in request_iterator:
                     await window.put(asyncio.create_task(self._classify_item(request, context)))
-            finally:
-                await window.put(None)
+            except asyncio.CancelledError:
+                raise  # the answering side is gone: nobody to tell
+            except Exception as exc:  # reading the request stream failed: answer what was accepted, then fail
+                await window.put(exc)
+                return
+            await window.put(None)  # end of the request stream
 
         feeder = asyncio.create_task(feed())
         try:
-            while (task := await window.get()) is not None:
-                yield await task
-            await feeder  # surfaces an error in reading the request stream
+            while (item := await window.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield await item
         finally:
             feeder.cancel()
             while not window.empty():
