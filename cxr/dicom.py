@@ -74,12 +74,12 @@ def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
             windowed = apply_voi_lut(arr, ds).astype(np.float64)
         except Exception:
             windowed = None  # an unusable window (e.g. width 0): fall back to the full range below
-        if windowed is not None and np.isfinite(windowed).all():
+        if windowed is not None and _finite(windowed):
             arr = windowed
             notices.append("DICOM VOI LUT/window applied")
         else:
             notices.append("DICOM window unusable: ignored, full pixel range used")
-    if not np.isfinite(arr).all():
+    if not _finite(arr):
         raise ImageError("corrupt", "DICOM rescale produced non-finite pixel values (check RescaleSlope/RescaleIntercept)")
     pixels = _to_uint8(arr, float(arr.min()), float(arr.max()))
     if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
@@ -89,6 +89,11 @@ def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     if view in LATERAL_VIEWS:
         notices.append(f"lateral view (ViewPosition {view}): the models were trained on frontal radiographs")
     return DecodedImage(pixels=np.ascontiguousarray(pixels), format="dicom", notices=notices)
+
+
+def _finite(arr: np.ndarray) -> bool:
+    """No NaN or infinity anywhere (min and max carry both: one pass each instead of a boolean copy)."""
+    return bool(np.isfinite(arr.min()) and np.isfinite(arr.max()))
 
 
 def _parse_error(exc: Exception) -> ImageError:
