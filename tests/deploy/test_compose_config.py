@@ -173,3 +173,21 @@ def test_trainer_command_uses_flags_our_cli_accepts(services):
     export = build_parser(load=SUBCOMMANDS["export"][0]).parse_args(steps[2][1:])
     assert export.ensemble and export.repository in ("/models", Path("/models"))
     assert volumes(services["trainer"])["/data"]["read_only"]
+
+
+def test_environment_names_settings_the_service_has(services):
+    """Settings ignore unknown CXR_* variables, so a misspelt one would silently do nothing: check each name."""
+    from services.gateway.config import GatewaySettings
+    from services.inference.config import InferenceSettings
+
+    checked = 0
+    for name, svc in services.items():
+        for env, value in (svc.get("environment") or {}).items():
+            if not env.startswith("CXR_"):
+                continue
+            settings = InferenceSettings if env.startswith("CXR_INFERENCE_") else GatewaySettings
+            prefix = settings.model_config["env_prefix"]
+            assert env.startswith(prefix) and env[len(prefix):].lower() in settings.model_fields, f"{name}: {env}"
+            settings(**{env[len(prefix):].lower(): value})
+            checked += 1
+    assert checked >= 3

@@ -139,3 +139,20 @@ def test_production_overlay_puts_inference_on_gpus():
     base = {(o["kind"], o["metadata"]["name"]): o for o in render("base")}
     [base_container] = pod_spec(base, "inference")["containers"]
     assert "nvidia.com/gpu" not in base_container["resources"]["limits"], "the base runs on CPU-only clusters"
+
+
+@pytest.mark.parametrize("name", ["inference", "gateway"])
+def test_environment_names_settings_the_service_has(objects, name):
+    """Settings ignore unknown CXR_* variables, so a misspelt one would silently do nothing: check each name."""
+    from services.gateway.config import GatewaySettings
+    from services.inference.config import InferenceSettings
+
+    settings = {"inference": InferenceSettings, "gateway": GatewaySettings}[name]
+    prefix = settings.model_config["env_prefix"]
+    [container] = pod_spec(objects, name)["containers"]
+    names = [e["name"] for e in container.get("env", []) if e["name"].startswith("CXR_")]
+    assert names
+    for env in names:
+        assert env.startswith(prefix) and env[len(prefix):].lower() in settings.model_fields, f"{env}: no such setting"
+    values = {e["name"][len(prefix):].lower(): e["value"] for e in container["env"] if e["name"].startswith(prefix)}
+    settings(**values)  # and the values have the right types
