@@ -15,7 +15,7 @@ import grpc
 
 from cxr.generated.inference import grpc_service_pb2 as pb
 from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from services.common.logging import log_request
+from services.common.logging import log_request, safe_request_id
 from services.common.serving import (
     Readiness,
     add_health_and_reflection,
@@ -264,8 +264,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(e.code, e.message)
 
     def _log(self, request, code: str, reason: str | None, start: float, model: ModelVersion | None = None) -> None:
-        log_request(log, request_id=request.id, method="ModelInfer", model=request.model_name,
-                    version=str(model.version) if model else request.model_version, code=code, reason=reason,
+        # A name we do not serve is the client's free text: logged only after the same scrub as request ids.
+        log_request(log, request_id=request.id, method="ModelInfer",
+                    model=model.name if model else safe_request_id(request.model_name),
+                    version=str(model.version) if model else safe_request_id(request.model_version),
+                    code=code, reason=reason,
                     total_ms=round((time.perf_counter() - start) * 1e3, 2))
 
     async def drain(self, grace_s: float) -> None:
