@@ -8,6 +8,9 @@
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 # `:-` as well: docker-compose passes BASE_IMAGE as an empty build arg when it is unset in the environment
 FROM ${BASE_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04}
+LABEL org.opencontainers.image.title="cxr-inference" \
+      org.opencontainers.image.description="KServe v2 / Triton-compatible gRPC inference over onnxruntime for chest X-ray classifiers. Research software: not for clinical use." \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 USER root
 # Python into its own venv (Debian and Ubuntu pythons are "externally managed"), and an unprivileged user.

@@ -5,6 +5,9 @@
 ARG BASE_IMAGE=python:3.11-slim
 # `:-` as well: docker-compose passes BASE_IMAGE as an empty build arg when it is unset in the environment
 FROM ${BASE_IMAGE:-python:3.11-slim}
+LABEL org.opencontainers.image.title="cxr-trainer" \
+      org.opencontainers.image.description="Trains and exports the cxr chest X-ray classifiers (torch to ONNX, Triton layout). Research software: not for clinical use." \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 USER root
 RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \

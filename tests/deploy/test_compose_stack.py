@@ -209,6 +209,7 @@ def test_images_run_non_root_without_torch(stack: Stack):
         inspect = json.loads(docker("image", "inspect", image, env=stack.env).stdout)[0]
         assert inspect["Config"]["User"] == "10001:10001", f"{image} runs as {inspect['Config']['User']!r}"
         assert inspect["Config"]["Healthcheck"]["Test"][-1].count("grpc_health_check.py") == 1
+        assert "not for clinical use" in inspect["Config"]["Labels"]["org.opencontainers.image.description"]
         sizes[service] = inspect["Size"]
         probe = ("import importlib.util as u; "
                  "print(u.find_spec('torch') is None, u.find_spec('training') is None, u.find_spec('onnxruntime') is not None)")
