@@ -135,25 +135,24 @@ class DynamicBatcher:
         expires = deadline
         if timeout_us_used:
             expires = min(expires, now + timeout_us_used / 1e6) if expires is not None else now + timeout_us_used / 1e6
-        request = _Request(inputs, rows, frozenset(outputs), now, expires, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        request = _Request(inputs, rows, frozenset(outputs), now, expires, loop.create_future())
         self._queue.append(request)
         self._changed.set()
+        # A timer, not wait_for: when it fires while the request is still queued, the request is answered
+        # DEADLINE_EXCEEDED and never computed; once computing, it runs to the end.
+        timer = loop.call_later(max(0.0, expires - now), self._expire, request) if expires is not None else None
         try:
-            if expires is None:
-                return await asyncio.shield(request.future)
-            try:
-                return await asyncio.wait_for(asyncio.shield(request.future), max(0.0, expires - now))
-            except TimeoutError:
-                self._expire(request)  # no-op if it already left the queue for compute
-                return await asyncio.shield(request.future)
+            return await request.future
         except asyncio.CancelledError:
             # The caller went away: leave the queue so it costs nothing; if computing, its rows are discarded.
             if request.state == QUEUED:
                 self._remove(request)
-            request.state = DONE if request.state == QUEUED else request.state
-            if not request.future.done():
-                request.future.cancel()
+                request.state = DONE
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, let queued and running ones finish (up to `timeout` s), then stop the scheduler."""

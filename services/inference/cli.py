@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-threads", type=int, help="threads that run onnxruntime (0: 4)")
     parser.add_argument("--grace-period", type=float, help="seconds to drain on SIGTERM (default 10)")
     parser.add_argument("--drain-delay", type=float, help="seconds to keep answering after readiness turns false")
-    parser.add_argument("--no-spin-wait", dest="spin_wait", action="store_false", default=None,
-                        help="idle onnxruntime threads sleep instead of spinning (for shared cores)")
+    parser.add_argument("--spin-wait", dest="spin_wait", action=argparse.BooleanOptionalAction, default=None,
+                        help="let idle onnxruntime threads spin for work (default off: the event loop needs the cores)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                         help="skip the warm-up run before a model is reported ready")
     parser.add_argument("--port-file", help="write 'GRPC_PORT METRICS_PORT' here once ready (for tests and scripts)")

@@ -32,8 +32,8 @@ class InferenceSettings(BaseSettings):
     """onnxruntime threads inside one operator (0: onnxruntime's default, one per core)."""
     inter_op_threads: int = 0
     """onnxruntime threads across operators (0: onnxruntime's default)."""
-    spin_wait: bool = True
-    """Let idle onnxruntime threads spin for work (lower latency); turn off where the cores are shared."""
+    spin_wait: bool = False
+    """Let idle onnxruntime threads spin for work; off by default: spinning takes the cores the event loop needs."""
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     """onnxruntime graph optimisation level, unless a model's config sets optimization.graph.level."""
     compute_threads: int = 0

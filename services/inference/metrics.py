@@ -6,6 +6,8 @@ Triton: queue time (waiting in the batcher) + compute time (the onnxruntime run 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -42,3 +44,20 @@ class InferenceMetrics:
 
     def record_failure(self, model: str, version: str, reason: str) -> None:
         self.failure.labels(model or "", version or "", reason).inc()
+
+    def for_version(self, model: str, version: str) -> "VersionMeters":
+        """The labelled series of one model version, looked up once (not on every request)."""
+        labels = (model, version)
+        return VersionMeters(self.request_seconds.labels(*labels), self.queue_seconds.labels(*labels),
+                             self.compute_seconds.labels(*labels), self.batch_size.labels(*labels),
+                             self.success.labels(*labels), self.pending.labels(*labels))
+
+
+@dataclass(frozen=True)
+class VersionMeters:
+    request_seconds: Histogram
+    queue_seconds: Histogram
+    compute_seconds: Histogram
+    batch_size: Histogram
+    success: Counter
+    pending: Gauge

@@ -24,7 +24,7 @@ from cxr.generated.inference.model_config_pb2 import ModelConfig
 from services.inference.batcher import BatcherSettings, DynamicBatcher
 from services.inference.config import InferenceSettings
 from services.inference.errors import InferenceError, not_found, unavailable
-from services.inference.metrics import InferenceMetrics
+from services.inference.metrics import InferenceMetrics, VersionMeters
 from services.inference.runtime import SessionPool, choose_providers
 from services.inference.tensors import DATATYPES, TensorSpec, datatype_name
 
@@ -76,6 +76,7 @@ class ModelVersion:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     batcher: DynamicBatcher | None = None
+    meters: VersionMeters | None = None
     stats: VersionStats = field(default_factory=VersionStats)
 
     @property
@@ -266,14 +267,12 @@ class ModelManager:
         return ModelVersion(config.name, version, config, labels, sha256, pool, inputs, outputs)
 
     def _attach_batcher(self, version: ModelVersion) -> None:
-        labels = (version.name, str(version.version))
-        batch_hist = self.metrics.batch_size.labels(*labels)
-        compute_hist = self.metrics.compute_seconds.labels(*labels)
+        meters = version.meters = self.metrics.for_version(version.name, str(version.version))
         stats = version.stats
 
         def on_batch(rows: int, compute_s: float) -> None:
-            batch_hist.observe(rows)
-            compute_hist.observe(compute_s)
+            meters.batch_size.observe(rows)
+            meters.compute_seconds.observe(compute_s)
             stats.execution_count += 1
             stats.inference_count += rows
             stats.compute_infer.add(compute_s, rows)

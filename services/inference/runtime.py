@@ -84,7 +84,7 @@ class SessionPool:
     """
 
     def __init__(self, path: Path, config: ModelConfig, *, providers: list[str], intra_op_threads: int,
-                 inter_op_threads: int, graph_optimization: str, spin_wait: bool = True):
+                 inter_op_threads: int, graph_optimization: str, spin_wait: bool = False):
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         # Triton's onnxruntime backend reads the thread counts from these config parameters too.

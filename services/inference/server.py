@@ -210,9 +210,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             # Labelled "(unknown)": a client must not be able to create metric series with names of its choice.
             self.metrics.record_failure(UNKNOWN, UNKNOWN, e.reason)
             raise
-        version = str(model.version)
-        labels = (model.name, version)
-        pending = self.metrics.pending.labels(*labels)
+        meters = model.meters
+        pending = meters.pending
         self.in_flight += 1
         pending.inc()
         try:
@@ -233,9 +232,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             pending.dec()
             self.in_flight -= 1
         elapsed = time.perf_counter() - start
-        self.metrics.request_seconds.labels(*labels).observe(elapsed)
-        self.metrics.queue_seconds.labels(*labels).observe(result.queue_s)
-        self.metrics.success.labels(*labels).inc()
+        meters.request_seconds.observe(elapsed)
+        meters.queue_seconds.observe(result.queue_s)
+        meters.success.inc()
         model.stats.success.add(elapsed)
         model.stats.queue.add(result.queue_s)
         self._log(request, "OK", None, start, model)
