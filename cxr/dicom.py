@@ -31,6 +31,20 @@ def _pydicom():
 
 
 def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
+    """Decode one DICOM image. Every failure is an ImageError: a hostile file never escapes as another error."""
+    try:
+        return _read_dicom(data, limits)
+    except ImageError:
+        raise
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except MemoryError:
+        raise ImageError("too_many_pixels", "DICOM image needs more memory than is available to decode") from None
+    except BaseException as exc:  # noqa: BLE001 - Rust decoders (pyo3) panic with a BaseException on some corrupt data
+        raise ImageError("corrupt", f"DICOM is malformed: {_short(exc)}") from None
+
+
+def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     pydicom = _pydicom()
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -58,9 +72,13 @@ def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     if transfer_syntax == pydicom.uid.JPEGBaseline8Bit:
         # Pillow refuses corrupt 8-bit JPEG; the fallback plugin (libjpeg) would decode it into garbage
         ds.pixel_array_options(decoding_plugin="pillow")
+    elif transfer_syntax == pydicom.uid.RLELossless:
+        # pydicom's own RLE decoder (the one used first anyway) refuses corrupt segments; without this,
+        # pydicom falls back to pylibjpeg-rle, whose Rust code panics on some of them
+        ds.pixel_array_options(decoding_plugin="pydicom")
     try:
         arr = ds.pixel_array
-    except Exception as exc:
+    except Exception as exc:  # (a decoder panic is a BaseException: read_dicom turns it into "corrupt")
         raise ImageError("corrupt", f"cannot decode DICOM pixel data ({transfer_syntax.name}): {_short(exc)}") from None
     if arr.ndim != 2:
         raise ImageError("not_grayscale", f"DICOM pixel array has shape {arr.shape}: expected one grayscale frame")

@@ -83,6 +83,15 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.executor = ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="decode")
         self._in_flight = 0
+        # PIL's own bomb guard must not undercut a larger configured limit (ours is checked first anyway)
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_image_pixels)
+
+    @property
+    def in_flight(self) -> int:
+        """Classify requests (unary or stream items) being processed now."""
+        return self._in_flight
 
     # ---- RPCs -------------------------------------------------------------------------------------
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
@@ -372,7 +381,7 @@ class Gateway:
     async def drain(self, grace_s: float) -> None:
         """Wait until the requests in progress are answered (the server refuses new ones meanwhile)."""
         deadline = time.monotonic() + grace_s
-        while self.service._in_flight and time.monotonic() < deadline:
+        while self.service.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:

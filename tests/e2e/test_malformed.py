@@ -68,3 +68,17 @@ def test_messages_name_the_reason(gateway_stub, dicom_dir: Path, cxr_raw_dir: Pa
     assert "8000x8000" in details
     details = _expect(gateway_stub, pb.ClassifyRequest(image=b""), "INVALID_ARGUMENT")
     assert "empty" in details
+
+
+def test_damaged_files_never_get_an_internal_error(gateway_stub, gateway_service, dicom_dir: Path, cxr_raw_dir: Path):
+    files = sorted(dicom_dir.rglob("*.dcm")) + sorted((cxr_raw_dir / "Normal").glob("*.png"))[:1]
+    codes: dict[str, int] = {}
+    for name, data in corpus.mutations(files, per_file=6, seed=7):
+        try:
+            gateway_stub.Classify(pb.ClassifyRequest(image=data), timeout=60)
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        codes[code] = codes.get(code, 0) + 1
+    assert set(codes) <= {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, codes
+    assert gateway_service.alive()

@@ -255,3 +255,18 @@ def build(dicom_dir: Path, cxr_raw_dir: Path) -> list[Case]:
 def oversized(limit_bytes: int, png_bytes: bytes) -> bytes:
     """A valid PNG followed by padding so the whole is beyond `limit_bytes` (the reader's byte limit)."""
     return png_bytes + b"\x00" * (limit_bytes + 1 - len(png_bytes))
+
+
+def mutations(files: list[Path], per_file: int, seed: int = 0):
+    """Randomly damaged copies of real files: a few bytes of the first 3 KB (the headers) overwritten, and a
+    third of them also cut short. Yields (file name, bytes); the outcome is not known in advance."""
+    rng = np.random.default_rng(seed)
+    for path in files:
+        data = path.read_bytes()
+        for _ in range(per_file):
+            damaged = bytearray(data)
+            for _ in range(int(rng.integers(1, 8))):
+                damaged[int(rng.integers(0, min(len(damaged), 3000)))] = int(rng.integers(0, 256))
+            if rng.random() < 0.3:
+                damaged = damaged[: int(rng.integers(1, len(damaged)))]
+            yield path.name, bytes(damaged)

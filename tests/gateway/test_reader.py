@@ -186,3 +186,19 @@ def test_resize_and_load_for_model(dicom_dir: Path):
     assert resized.shape == (64, 64) and resized.dtype == np.uint8
     assert np.array_equal(load_for_model(dicom_dir / corpus.J2K, 64), resized)
     assert load_for_model((dicom_dir / corpus.NIH).read_bytes()).shape == (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+
+
+def test_damaged_files_give_an_image_or_an_image_error_never_anything_else(dicom_dir: Path, cxr_raw_dir: Path):
+    """Fuzzing with damaged real files: no decoder exception (or Rust panic) escapes the reader."""
+    files = sorted(dicom_dir.rglob("*.dcm")) + sorted((cxr_raw_dir / "Normal").glob("*.png"))[:2]
+    limits = ImageLimits(max_pixels=corpus.PIXEL_LIMIT)
+    outcomes = {"decoded": 0, "refused": 0}
+    for name, data in corpus.mutations(files, per_file=40, seed=1):
+        try:
+            decoded = read_image(data, limits=limits)
+            assert decoded.pixels.dtype == np.uint8 and decoded.pixels.ndim == 2, name
+            outcomes["decoded"] += 1
+        except ImageError as exc:
+            assert exc.reason and str(exc), name
+            outcomes["refused"] += 1
+    assert outcomes["decoded"] and outcomes["refused"], outcomes  # the damage is neither always fatal nor always harmless
