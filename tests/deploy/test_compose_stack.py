@@ -188,9 +188,13 @@ def test_classify_a_radiograph_through_the_gateway_and_count_it_in_prometheus(st
     assert stack.run("ps").stdout.count("Up") == len(SERVICES)
 
 
-def test_prometheus_scrapes_both_services_and_has_every_dashboard_metric(stack: Stack):
+def test_prometheus_scrapes_both_services_loads_the_alerts_and_has_every_dashboard_metric(stack: Stack):
     up = {r["metric"]["instance"]: r["value"][1] for r in prometheus_query(stack, 'up{job=~"cxr-.*"}')}
     assert up["gateway:9090"] == "1" and up["inference:8002"] == "1", up
+
+    rules = requests.get(f"{stack.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    loaded = {rule["name"] for group in rules for rule in group["rules"]}
+    assert {"CxrTargetDown", "CxrGatewayUpstreamNotReady", "CxrHighErrorRatio"} <= loaded, loaded
 
     # Metric families as the running services expose them (HELP/TYPE lines, even before a first sample).
     metadata = requests.get(f"{stack.prometheus}/api/v1/metadata", timeout=10).json()["data"]
