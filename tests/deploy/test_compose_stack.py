@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from conftest import ROOT, require
-from test_grafana_dashboard import DASHBOARD, expressions, metric_references, substitute
+from promql_check import DASHBOARD, expressions, metric_references, substitute
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

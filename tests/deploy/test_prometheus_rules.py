@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, require
-from test_grafana_dashboard import TARGET_LABELS, exported_series, metric_references
+from promql_check import TARGET_LABELS, exported_series, metric_references
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 
