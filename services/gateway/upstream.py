@@ -118,8 +118,9 @@ class InferenceClient:
         self._poller = asyncio.create_task(self._poll_readiness())
 
     async def close(self) -> None:
-        if self._poller:
-            self._poller.cancel()
+        for task in (self._poller, self._check):
+            if task is not None:
+                task.cancel()
         await self._channel.close()
 
     def _set_ready(self, ready: bool) -> None:
