@@ -52,11 +52,15 @@ def run(args: argparse.Namespace) -> int:
     archs = DEFAULT_ALL if args.arch == "all" else (args.arch,)
     out = Path(args.out)
     for arch in archs:
+        weights = args.weights
+        if arch == "custom_cnn" and weights == "imagenet" and args.arch == "all":
+            print("cxr train: custom_cnn has no ImageNet weights: it trains from scratch, the others start from ImageNet")
+            weights = "none"
         cfg = TrainConfig(
             data=str(Path(args.data).resolve()), architecture=arch, classes=parse_classes(args.classes),
             manifest=str(Path(args.manifest).resolve()) if args.manifest else None, image_size=args.image_size,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing, dropout=args.dropout, weights=args.weights,
+            label_smoothing=args.label_smoothing, dropout=args.dropout, weights=weights,
             frozen_epochs=args.frozen_epochs, fine_tune_layers=args.fine_tune_layers, rotation=args.rotation,
             zoom=args.zoom, shift=args.shift, hflip=args.hflip, contrast=args.contrast, balance=args.balance,
             patience=args.patience, ema_decay=args.ema_decay, val_fraction=args.val_fraction, seed=args.seed, max_per_class=args.max_per_class,
