@@ -77,6 +77,27 @@ def test_timer_runs_from_the_first_requests_arrival(model, radiographs):
     assert b.queue_s < a.queue_s - 0.15
 
 
+def test_time_spent_waiting_for_a_busy_instance_counts_toward_the_delay(model, radiographs):
+    """A request that already waited longer than the delay while the instance was busy runs as soon as the
+    instance is free; it does not start a fresh delay then."""
+    async def scenario():
+        batcher = make(model, max_queue_delay_us=300_000)
+        model.gate = threading.Event()
+        busy = asyncio.create_task(batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"]))
+        await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 10)
+        waiting = asyncio.create_task(batcher.infer({"image": rows(radiographs, 1)}, 1, ["logits"]))
+        await asyncio.sleep(0.45)
+        model.gate.set()
+        result = await waiting
+        await busy
+        await batcher.close()
+        return result
+
+    result = asyncio.run(scenario())
+    assert model.batches[-1] == 1
+    assert 0.4 <= result.queue_s < 0.65, f"waited {result.queue_s:.3f} s: 0.45 s busy + a fresh 0.3 s delay is a bug"
+
+
 def test_mixed_batch_sizes_are_split_back_to_the_right_callers(model, radiographs):
     """Requests of 1, 3 and 2 rows, each asking for different outputs, run as one batch of 6; every caller
     gets exactly its own rows (equal to running its images alone) and only the outputs it asked for."""
