@@ -277,3 +277,21 @@ def _sample(text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{series} not in /metrics")
+
+
+def test_message_size_limit_from_the_environment(served_repository, radiographs, tmp_path):
+    """CXR_INFERENCE_MAX_MESSAGE_BYTES bounds what the server accepts: a larger request is refused by gRPC with
+    RESOURCE_EXHAUSTED, and the server goes on serving."""
+    from inference.server_process import start_server
+
+    limit = 100_000
+    server = start_server(served_repository, tmp_path / "server", "--model-control", "explicit",
+                          "--load-model", "custom_cnn", env={"CXR_INFERENCE_MAX_MESSAGE_BYTES": str(limit)})
+    try:
+        with triton.InferenceServerClient(server.url) as client:
+            big = np.resize(radiographs, (32, 1, 64, 64))  # 131 072 bytes of pixels
+            expect_error("RESOURCE_EXHAUSTED", lambda: client.infer("custom_cnn", [image_input(big)]))
+            small = client.infer("custom_cnn", [image_input(radiographs)])
+            assert small.as_numpy("probabilities").shape == (6, 3)
+    finally:
+        assert server.terminate() == 0
