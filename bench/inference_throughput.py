@@ -108,6 +108,19 @@ def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> t
     return proc, int(port_file.read_text().split()[0])
 
 
+def execution_counts(port: int, model: str) -> tuple[int, int]:
+    """(rows inferred, batches executed) so far, from the server's ModelStatistics."""
+    import grpc
+
+    from cxr.generated.inference import grpc_service_pb2 as pb
+    from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=model),
+                                                                          timeout=30)
+    return (sum(s.inference_count for s in stats.model_stats), sum(s.execution_count for s in stats.model_stats))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -225,6 +238,7 @@ def main() -> int:
         try:
             for clients in (int(c) for c in args.clients.split(",")):
                 rounds = []
+                rows_before, batches_before = execution_counts(port, model)
                 for _ in range(args.rounds):
                     raw = raw_model.throughput(best_batch, args.duration / 2)
                     service = asyncio.run(drive(port, model, images, clients, args.duration, proc.pid))
@@ -235,6 +249,8 @@ def main() -> int:
                           f"p99 {service['p99_ms']:7.2f} ms  server CPU efficiency {service['cpu_ratio']:.2f}  "
                           f"errors {service['errors']}", flush=True)
                 ratios = [s["throughput"] / r for r, s in rounds]
+                rows_after, batches_after = execution_counts(port, model)
+                mean_batch = (rows_after - rows_before) / max(batches_after - batches_before, 1)
                 rows.append({
                     "clients": clients,
                     "raw": statistics.median(r for r, _ in rounds),
@@ -245,6 +261,7 @@ def main() -> int:
                     "ratio_range": [min(ratios), max(ratios)],
                     "cpu_ratio": statistics.median(s["cpu_ratio"] for _, s in rounds),
                     "errors": sum(s["errors"] for _, s in rounds),
+                    "mean_batch": mean_batch,
                 })
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -259,12 +276,12 @@ def main() -> int:
     print("server CPU efficiency: images per CPU-second of the server process against raw onnxruntime's (clients "
           "excluded); other processes on a shared machine disturb it less than wall-clock throughput")
     print("| clients | raw images/s (batch %d) | service images/s | p50 ms | p99 ms | ratio to raw (min-max) "
-          "| server CPU efficiency | errors |" % best_batch)
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| server CPU efficiency | mean batch | errors |" % best_batch)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['clients']} | {row['raw']:.1f} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
               f"{row['p99_ms']:.2f} | {row['ratio']:.2f} ({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) "
-              f"| {row['cpu_ratio']:.2f} | {row['errors']} |")
+              f"| {row['cpu_ratio']:.2f} | {row['mean_batch']:.1f} | {row['errors']} |")
     print("\nCPU only (onnxruntime CPUExecutionProvider); a CUDA run needs a GPU machine.")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model, "version": version, "threads": args.threads,
