@@ -86,6 +86,8 @@ def baseline(model_path: Path, size: int, data: bytes, threads: int, seconds: fl
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # as the inference service runs its sessions: no spin-waiting threads (they steal the cores others need)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
     def once() -> None:
