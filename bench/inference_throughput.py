@@ -194,6 +194,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds of service load per round")
     parser.add_argument("--rounds", type=int, default=3, help="raw-then-service rounds per client count")
     parser.add_argument("--raw-duration", type=float, default=2.0, help="seconds per batch size in the raw sweep")
+    parser.add_argument("--instances", type=int, default=0,
+                        help="serve a copy of the model with this instance_group count, each instance with "
+                             "threads/instances intra-op threads (default: the model's config as it is)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for `cxr serve inference`")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -233,7 +236,20 @@ def main() -> int:
 
         # On a shared machine the load changes from minute to minute: each round measures raw (at the best batch
         # size) and then the service right after it, and the ratio is taken within the round.
-        proc, port = start_server(repo, workdir, args.threads, args.server_arg)
+        served = repo
+        if args.instances:  # same total threads, split over several sessions that run batches side by side
+            import shutil
+
+            served = workdir / "served"
+            shutil.copytree(repo / model, served / model)
+            kind = config.instance_group[0].kind if config.instance_group else 0
+            del config.instance_group[:]
+            config.instance_group.add(count=args.instances, kind=kind)
+            config.parameters["intra_op_thread_count"].string_value = str(max(1, args.threads // args.instances))
+            repository.write_config(served / model, config)
+            print(f"  service: {args.instances} instances x {max(1, args.threads // args.instances)} intra-op threads",
+                  flush=True)
+        proc, port = start_server(served, workdir, args.threads, args.server_arg)
         rows = []
         try:
             for clients in (int(c) for c in args.clients.split(",")):
