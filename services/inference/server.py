@@ -292,6 +292,9 @@ def _timeout_parameter(request: pb.ModelInferRequest) -> int:
 async def serve(settings: InferenceSettings, *, started: asyncio.Future | None = None,
                 stop_event: asyncio.Event | None = None) -> None:
     """Run the service until SIGTERM/SIGINT (or `stop_event`). `started` receives (grpc port, metrics port)."""
+    if not settings.repository.is_dir():
+        raise SystemExit(f"model repository {settings.repository} is not a folder (--repository / "
+                         "CXR_INFERENCE_REPOSITORY)")
     metrics = InferenceMetrics()
     # onnxruntime releases the GIL while it computes; the batcher bounds concurrent runs per model by its instances.
     compute = ThreadPoolExecutor(max_workers=settings.compute_threads or 4, thread_name_prefix="onnxruntime")
@@ -301,10 +304,17 @@ async def serve(settings: InferenceSettings, *, started: asyncio.Future | None =
     await readiness.set(False)
     service = InferenceService(settings, manager, metrics, readiness)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot listen on {settings.host}:{settings.port} (in use?)")
-    metrics_port = start_metrics_server(settings.metrics_port, metrics.registry, settings.host)
+        raise SystemExit(f"cannot listen on {settings.host}:{settings.port} (in use? --port / CXR_INFERENCE_PORT)")
+    try:
+        metrics_port = start_metrics_server(settings.metrics_port, metrics.registry, settings.host)
+    except OSError as e:
+        raise SystemExit(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {e} "
+                         "(--metrics-port / CXR_INFERENCE_METRICS_PORT)") from None
     await server.start()  # live at once (ServerLive), ready only once the models are loaded and warmed up
     log.info("listening on %s:%d (metrics on %s); loading models from %s", settings.host, port,
              metrics_port if metrics_port >= 0 else "off", settings.repository)
