@@ -52,3 +52,30 @@ def test_instance_group_count_sessions_all_answer_alike(served_repository, radio
     assert sorted(via_pool) == ["logits", "probabilities"]
     for answer in answers:
         np.testing.assert_allclose(answer, via_pool["probabilities"], rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_comes_first_where_a_gpu_is_visible(served_repository, monkeypatch):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider")
+    monkeypatch.setattr(runtime, "gpu_visible", lambda: True)
+    config = repository.read_config(served_repository / "mobilenet")
+    assert runtime.choose_providers([], config) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    expected = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.choose_providers([], config) == expected
+
+
+def test_a_cuda_session_without_a_usable_gpu_falls_back_to_the_cpu_and_says_so(served_repository, caplog):
+    if runtime.gpu_visible():
+        pytest.skip("a GPU is visible here: CUDA would be used, not fallen back from")
+    model_dir = served_repository / "mobilenet"
+    config = repository.read_config(model_dir)
+    with caplog.at_level(logging.WARNING):
+        pool = runtime.SessionPool(repository.model_path(model_dir, 1), config,
+                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                   intra_op_threads=1, inter_op_threads=0, graph_optimization="all")
+    assert pool.providers == ["CPUExecutionProvider"]
+    assert "CUDAExecutionProvider could not be used" in caplog.text
+    assert pool.run({"image": np.zeros((1, 1, 64, 64), np.uint8)}, ["logits"])["logits"].shape == (1, 3)
