@@ -34,8 +34,7 @@ log = logging.getLogger("cxr.inference")
 SERVER_NAME = "cxr-inference"
 SERVER_VERSION = "0.1.0"
 # Triton's extension names for what we implement.
-EXTENSIONS = ["classification", "model_repository", "model_repository(unload_dependents)", "schedule_policy",
-              "model_configuration", "statistics"]
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics"]
 UNKNOWN = "(unknown)"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
