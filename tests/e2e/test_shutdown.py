@@ -8,10 +8,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import requests
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from cxr.generated.cxr.v1 import gateway_pb2_grpc
 from tests.gateway import processes
+
+
+def _wait_in_flight(gateway: processes.Service, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = requests.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5).text
+        line = next(l for l in metrics.splitlines() if l.startswith("cxr_gateway_in_flight_requests "))
+        if float(line.split()[-1]) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never {count} requests in flight")
 
 
 def test_sigterm_drains_accepted_requests(inference_service, dicom_dir: Path, tmp_path: Path):
@@ -30,7 +42,7 @@ def test_sigterm_drains_accepted_requests(inference_service, dicom_dir: Path, tm
     try:
         with ThreadPoolExecutor(max_workers=4) as pool:
             futures = [pool.submit(call, i) for i in range(4)]
-            time.sleep(0.5)  # all four are accepted; one thread decodes them one after another
+            _wait_in_flight(gateway, 4)  # all four accepted; one thread decodes them one after another
             gateway.process.send_signal(signal.SIGTERM)
             answers = [f.result() for f in futures]
         assert answers == [f"drain-{i}" for i in range(4)]
