@@ -142,6 +142,7 @@ async def drive(port: int, model: str, data: bytes, clients: int, seconds: float
 
     request = pb.ClassifyRequest(image=data, model_name=model)
     latencies: list[float] = []
+    timings: list[tuple[float, float, float, float]] = []  # the gateway's own account of each request
     errors = 0
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
@@ -158,9 +159,11 @@ async def drive(port: int, model: str, data: bytes, clients: int, seconds: float
                 while time.perf_counter() < stop_at:
                     t0 = time.perf_counter()
                     try:
-                        await stub.Classify(request, timeout=60)
+                        response = await stub.Classify(request, timeout=60)
                         if record:
                             latencies.append(time.perf_counter() - t0)
+                            t = response.timings
+                            timings.append((t.decode_ms, t.preprocess_ms, t.inference_ms, t.total_ms))
                     except grpc.aio.AioRpcError:
                         errors += 1
 
@@ -171,7 +174,10 @@ async def drive(port: int, model: str, data: bytes, clients: int, seconds: float
         start_at = time.perf_counter()
         await window(seconds, record=True)
         elapsed = time.perf_counter() - start_at
-    return _summary(latencies, elapsed, clients, errors)
+    summary = _summary(latencies, elapsed, clients, errors)
+    medians = np.median(np.array(timings), axis=0)
+    summary.update(zip(("gw_decode_ms", "gw_preprocess_ms", "gw_inference_ms", "gw_total_ms"), map(float, medians)))
+    return summary
 
 
 def main() -> int:
@@ -215,7 +221,9 @@ def main() -> int:
                     row["ratio"] = row["throughput"] / results[name]["baseline"]["throughput"]
                     results[name]["stack"].append(row)
                     print(f"  {name} gateway N={clients:2d}: {row['throughput']:7.1f} images/s  p50 {row['p50_ms']:7.2f} ms  "
-                          f"p99 {row['p99_ms']:7.2f} ms  ratio {row['ratio']:.2f}  errors {row['errors']}", flush=True)
+                          f"p99 {row['p99_ms']:7.2f} ms  ratio {row['ratio']:.2f}  errors {row['errors']}  | inside the "
+                          f"gateway (median ms): decode {row['gw_decode_ms']:.1f} resize {row['gw_preprocess_ms']:.1f} "
+                          f"inference call {row['gw_inference_ms']:.1f} total {row['gw_total_ms']:.1f}", flush=True)
         finally:
             for proc in (gateway, inference):
                 proc.send_signal(signal.SIGTERM)
@@ -240,6 +248,12 @@ def main() -> int:
         for row in result["stack"]:
             print(f"| {name} | gateway -> inference (gRPC) | {row['clients']} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
                   f"{row['p99_ms']:.2f} | {row['ratio']:.2f} |")
+    print("\n| input | clients | gateway decode ms | resize ms | inference call ms | gateway total ms | client p50 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, result in results.items():
+        for row in result["stack"]:
+            print(f"| {name} | {row['clients']} | {row['gw_decode_ms']:.1f} | {row['gw_preprocess_ms']:.1f} | "
+                  f"{row['gw_inference_ms']:.1f} | {row['gw_total_ms']:.1f} | {row['p50_ms']:.1f} |")
     print("\nCPU only. Clients, gateway and inference share the machine's cores with each other.")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model, "version": version, "size": size, "results": results}, indent=2))
