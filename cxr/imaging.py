@@ -26,6 +26,9 @@ class ImageError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # picklable with both arguments (decoding may run in a worker process)
+        return (type(self), (self.reason, str(self)))
+
 
 @dataclass(frozen=True)
 class ImageLimits:

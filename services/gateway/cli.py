@@ -21,6 +21,7 @@ FLAGS = {
     "--max-image-bytes": ("max_image_bytes", int),
     "--max-image-pixels": ("max_image_pixels", int),
     "--decode-workers": ("decode_workers", int),
+    "--decode-processes": ("decode_processes", int),
     "--request-timeout": ("request_timeout_s", float),
     "--lb-policy": ("lb_policy", str),
     "--tls-cert": ("tls_cert", Path),

@@ -27,6 +27,8 @@ class GatewaySettings(BaseSettings):
     """Largest accepted image in pixels, checked from headers before decoding (decompression bombs)."""
     decode_workers: int = 2
     """Threads that decode and resize images (CPU-bound work kept off the event loop)."""
+    decode_processes: int = 0
+    """Worker processes that decode images instead of threads (0: threads): a decoder crash costs a worker, not the gateway."""
     max_in_flight: int = 64
     """Requests processed at once; beyond that new ones get RESOURCE_EXHAUSTED."""
     stream_window: int = 8

@@ -23,6 +23,7 @@ from cxr.generated.cxr.v1 import gateway_pb2_grpc as pb_grpc
 from cxr.imaging import DecodedImage, ImageError, ImageLimits, read_image, resize_for_model
 from services.common.logging import log_request
 from services.gateway.config import GatewaySettings
+from services.gateway.decode_pool import DecodePool
 from services.gateway.heatmap import overlay_png
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import InferenceClient, InferResult, ModelSpec, UpstreamError
@@ -82,6 +83,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.metrics = metrics
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.executor = ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="decode")
+        self.decode_pool = DecodePool(settings.decode_processes, self.limits) if settings.decode_processes > 0 else None
         self._in_flight = 0
         # PIL's own bomb guard must not undercut a larger configured limit (ours is checked first anyway)
         from PIL import Image
@@ -209,7 +211,13 @@ class GatewayService(pb_grpc.GatewayServicer):
 
         # decode first: a bad image is refused as such whatever the upstream's state
         loop = asyncio.get_running_loop()
-        decoded, decode_s = await loop.run_in_executor(self.executor, self._decode, request.image, FORMATS[request.format])
+        if self.decode_pool is not None:
+            try:
+                decoded, decode_s = await self.decode_pool.decode(request.image, FORMATS[request.format])
+            except ImageError as exc:
+                raise self._refusal(exc) from None
+        else:
+            decoded, decode_s = await loop.run_in_executor(self.executor, self._decode, request.image, FORMATS[request.format])
         trace.format, (trace.height, trace.width) = decoded.format, decoded.pixels.shape
         trace.ms["decode_ms"] = _ms(decode_s)
         self.metrics.decode_seconds.labels(decoded.format).observe(decode_s)
@@ -245,10 +253,13 @@ class GatewayService(pb_grpc.GatewayServicer):
         try:
             decoded = read_image(data, fmt, self.limits)
         except ImageError as exc:
-            self.metrics.image_errors.labels(exc.reason).inc()
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.reason in SIZE_REASONS else grpc.StatusCode.INVALID_ARGUMENT
-            raise ClassifyError(code, f"image refused ({exc.reason}): {exc}", exc.reason) from None
+            raise self._refusal(exc) from None
         return decoded, time.perf_counter() - started
+
+    def _refusal(self, exc: ImageError) -> ClassifyError:
+        self.metrics.image_errors.labels(exc.reason).inc()
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.reason in SIZE_REASONS else grpc.StatusCode.INVALID_ARGUMENT
+        return ClassifyError(code, f"image refused ({exc.reason}): {exc}", exc.reason)
 
     async def _upstream(self, call):
         try:
@@ -370,13 +381,15 @@ class Gateway:
         from services.common.serving import start_metrics_server
 
         await self.readiness.set(False)
+        if self.service.decode_pool is not None:
+            self.service.decode_pool.warm_up()  # before serving: the first requests need not wait for worker start-up
         self.metrics_port = start_metrics_server(self.settings.metrics_port, self.metrics.registry, self.settings.host)
         await self.server.start()
         await self.upstream.start()
         await self.readiness.set(self.upstream.ready)
         log.info("gateway listening", extra={"fields": {
             "port": self.port, "metrics_port": self.metrics_port, "inference": self.settings.inference,
-            "upstream_ready": self.upstream.ready, **self.security}})
+            "upstream_ready": self.upstream.ready, "decode_processes": self.settings.decode_processes, **self.security}})
 
     async def drain(self, grace_s: float) -> None:
         """Wait until the requests in progress are answered (the server refuses new ones meanwhile)."""
@@ -387,6 +400,8 @@ class Gateway:
     async def close(self) -> None:
         await self.upstream.close()
         self.service.executor.shutdown(wait=False, cancel_futures=True)
+        if self.service.decode_pool is not None:
+            self.service.decode_pool.close()
 
 
 async def serve(settings: GatewaySettings, started: asyncio.Future | None = None, stop_event: asyncio.Event | None = None) -> None:
