@@ -191,8 +191,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="onnxruntime intra-op threads, for raw and for the service alike")
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent single-image clients to measure")
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds of service load per round")
-    parser.add_argument("--rounds", type=int, default=3, help="raw-then-service rounds per client count")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds of service load per round")
+    parser.add_argument("--rounds", type=int, default=5, help="raw-then-service rounds per client count")
     parser.add_argument("--raw-duration", type=float, default=2.0, help="seconds per batch size in the raw sweep")
     parser.add_argument("--instances", type=int, default=0,
                         help="serve a copy of the model with this instance_group count, each instance with "
