@@ -186,6 +186,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="model (default: ensemble when present, else the first)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime intra-op threads, baseline and service alike")
     parser.add_argument("--decode-workers", type=int, default=os.cpu_count() or 1, help="gateway decode threads")
+    parser.add_argument("--decode-processes", type=int, default=0, help="gateway decode worker processes (0: threads)")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients to measure")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
     parser.add_argument("--json", help="also write the results here")
@@ -202,7 +203,8 @@ def main() -> int:
         size = int(config.input[0].dims[-1])
         encoded = inputs()
         print(f"model {model} v{version} ({size}x{size}); {args.threads} intra-op threads; {args.decode_workers} gateway "
-              f"decode workers; {os.cpu_count()} CPUs; {platform.processor() or platform.machine()}", flush=True)
+              f"decode threads, {args.decode_processes} decode processes; {os.cpu_count()} CPUs; "
+              f"{platform.processor() or platform.machine()}", flush=True)
 
         results: dict[str, dict] = {}
         for name, data in encoded.items():
@@ -213,7 +215,8 @@ def main() -> int:
         inference, inference_port = start("inference", ["--repository", str(repo), "--metrics-port", "0",
                                                         "--intra-op-threads", str(args.threads)], workdir, args.threads)
         gateway, gateway_port = start("gateway", ["--inference", f"127.0.0.1:{inference_port}", "--metrics-port", "0",
-                                                  "--decode-workers", str(args.decode_workers)], workdir, args.threads)
+                                                  "--decode-workers", str(args.decode_workers),
+                                                  "--decode-processes", str(args.decode_processes)], workdir, args.threads)
         try:
             for name, data in encoded.items():
                 for clients in (int(c) for c in args.clients.split(",")):
