@@ -204,3 +204,21 @@ def test_damaged_files_give_an_image_or_an_image_error_never_anything_else(dicom
             assert exc.reason and str(exc), name
             outcomes["refused"] += 1
     assert outcomes["decoded"] and outcomes["refused"], outcomes  # the damage is neither always fatal nor always harmless
+
+
+def test_signed_16_bit_with_rescale(dicom_dir: Path):
+    """Signed pixels (PixelRepresentation 1) with a modality rescale, as CT-like exports write them."""
+    base = pydicom.dcmread(dicom_dir / corpus.EXPLICIT16)
+    raw = base.pixel_array.astype(np.int32)
+    signed = (raw - 16384).astype(np.int16)  # values both sides of zero
+    ds = copy.deepcopy(base)
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 16, 15
+    ds.RescaleSlope, ds.RescaleIntercept = "2", "-100"
+    ds.PixelData = signed.tobytes()
+    decoded = read_image(_dicom_bytes(ds))
+    values = signed.astype(np.float64) * 2 - 100
+    expected = np.rint((values - values.min()) * 255.0 / (values.max() - values.min())).astype(np.uint8)
+    assert np.array_equal(decoded.pixels, expected)
