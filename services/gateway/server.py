@@ -40,7 +40,6 @@ FORMATS = {
     pb.IMAGE_FORMAT_JPEG: "jpeg",
 }
 # Beyond the configured size limits is "too large" (as gRPC's own message limit answers); other reader refusals are bad input.
-SIZE_REASONS = {"too_large", "too_many_pixels"}
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MODEL_VERSION = re.compile(r"^[0-9]{0,18}$")
 
@@ -258,8 +257,9 @@ class GatewayService(pb_grpc.GatewayServicer):
 
     def _refusal(self, exc: ImageError) -> ClassifyError:
         self.metrics.image_errors.labels(exc.reason).inc()
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.reason in SIZE_REASONS else grpc.StatusCode.INVALID_ARGUMENT
-        return ClassifyError(code, f"image refused ({exc.reason}): {exc}", exc.reason)
+        # every unreadable or oversized image (bombs included) is the caller's to fix: INVALID_ARGUMENT, as issue 4
+        # asks; RESOURCE_EXHAUSTED stays for load (busy, queue full) and for gRPC's own message-size limit
+        return ClassifyError(grpc.StatusCode.INVALID_ARGUMENT, f"image refused ({exc.reason}): {exc}", exc.reason)
 
     async def _upstream(self, call):
         try:

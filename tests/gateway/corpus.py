@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-INVALID, TOO_LARGE = "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"
+INVALID = TOO_LARGE = "INVALID_ARGUMENT"  # images beyond the byte/pixel limits are refused like any unreadable one
 NIH = "nih_1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
 SIIM_JPEG = "siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 J2K = "RG1_J2KI.dcm"
