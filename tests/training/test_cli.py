@@ -72,3 +72,25 @@ def test_export_cli_reports_a_refused_export(trained_repository, tmp_path, capsy
     assert main(["export", str(run), "--repository", str(repo), "--name", "m"]) == 1
     assert "export failed" in capsys.readouterr().out
     assert repository.list_versions(repo / "m") == [1]
+
+
+def test_train_all_architectures_skips_unreadable_files_and_evaluates_the_folder(cxr_raw_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    for cls in ("Normal", "Lung_Opacity", "Viral Pneumonia"):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((cxr_raw_dir / cls).glob("*.png"))[:5]:
+            shutil.copy(f, data / cls / f.name)
+    (data / "Normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(data), "--arch", "all", "--out", str(out), "--epochs", "1",
+                 "--image-size", "64", "--batch-size", "8"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["custom_cnn", "mobilenet", "resnet50"]
+    for run in out.iterdir():
+        assert "Normal/broken.png" in (run / "skipped.csv").read_text()
+        assert "Normal/broken.png" not in (run / "split.csv").read_text()
+        assert "FROM SCRATCH" in (run / "train.log").read_text()
+    assert main(["evaluate", str(out)]) == 0
+    rows = (out / "comparison.md").read_text().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["custom_cnn", "mobilenet", "resnet50"]
