@@ -229,12 +229,15 @@ def main() -> int:
             batch *= 2
         best_batch = max(sweep, key=sweep.get)
         # The baseline is raw at its best: with onnxruntime's default spinning threads, or without, whichever is faster.
+        # Alternating measurements, compared by their medians: one pair alone is at the mercy of the machine's load.
         quiet = RawModel(model_path, images, args.threads, spin_wait=False)
-        spinning_rate = raw_model.throughput(best_batch, args.raw_duration)
-        quiet_rate = quiet.throughput(best_batch, args.raw_duration)
-        print(f"  raw at batch {best_batch}: spinning threads {spinning_rate:.1f}, sleeping threads {quiet_rate:.1f} "
-              "images/s", flush=True)
-        if quiet_rate > spinning_rate:
+        pairs = [(raw_model.throughput(best_batch, args.raw_duration), quiet.throughput(best_batch, args.raw_duration))
+                 for _ in range(3)]
+        spinning_rate = statistics.median(s for s, _ in pairs)
+        quiet_rate = statistics.median(q for _, q in pairs)
+        print(f"  raw at batch {best_batch} (median of 3): spinning threads {spinning_rate:.1f}, sleeping threads "
+              f"{quiet_rate:.1f} images/s", flush=True)
+        if quiet_rate >= spinning_rate:
             raw_model = quiet
 
         # On a shared machine the load changes from minute to minute: each round measures raw (at the best batch
