@@ -225,7 +225,9 @@ def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
     split = (run_dir / "split.csv").read_text().splitlines()[1:]
     return {
-        "model": cfg.architecture, "architecture": cfg.architecture, "run_dir": str(run_dir),
+        # the run's folder name too when it says more than the architecture (two runs of one architecture)
+        "model": cfg.architecture if run_dir.name == cfg.architecture else f"{cfg.architecture} ({run_dir.name})",
+        "architecture": cfg.architecture, "run_dir": str(run_dir),
         "data": cfg.data, "manifest": cfg.manifest, "classes": cfg.classes, "synthetic_demo": cfg.synthetic_demo,
         "split": {"file": "split.csv", "seed": cfg.seed, "val_fraction": cfg.val_fraction,
                   "patient_disjoint": cfg.manifest is not None,
