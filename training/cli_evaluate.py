@@ -42,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(home)
     results = []
     for r in runs:
-        m = evaluate_run(r, args.data)
+        try:
+            m = evaluate_run(r, args.data)
+        except FileNotFoundError as exc:
+            print(f"cxr evaluate: {exc}")
+            return 2
         results.append(m)
         print(f"{m['model']}: accuracy {m['accuracy']:.3f}, macro AUC {m['macro_auc']:.3f}, macro F1 {m['macro_f1']:.3f}, "
               f"ECE {m['ece_before']:.3f} -> {m['ece_after_cross_fitted']:.3f} (T={m['temperature']:.2f}); "

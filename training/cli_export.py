@@ -9,6 +9,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s); a folder from `--arch all` means each run inside it")
     parser.add_argument("--repository", required=True, help="model repository folder (Triton layout); created if absent")
     parser.add_argument("--name", default=None, help="model name (default: the architecture; 'ensemble' with --ensemble)")
+    parser.add_argument("--data", default=None, help="image folder, if it moved since training (for the parity check)")
     parser.add_argument("--ensemble", action="store_true", help="export the runs as ONE model averaging their probabilities")
 
 
@@ -30,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--name names one model: give one run (or use --ensemble)")
     try:
         if args.ensemble:
-            print(export_ensemble(runs, repo, args.name or "ensemble"))
+            print(export_ensemble(runs, repo, args.name or "ensemble", args.data))
         else:
             for r in runs:
-                print(export_run(r, repo, args.name))
-    except (ExportError, RepositoryError) as exc:
+                print(export_run(r, repo, args.name, args.data))
+    except (ExportError, RepositoryError, FileNotFoundError) as exc:
         print(f"export failed, nothing written for this model: {exc}")
         return 1
     return 0

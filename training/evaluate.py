@@ -202,6 +202,9 @@ def validation_predictions(run_dir: Path, data_dir: str | None = None):
     if data_dir:
         cfg.data = str(data_dir)
     _, val = prepare_split(cfg, Path(run_dir))
+    if len(val.labels) == 0:
+        raise FileNotFoundError(f"none of {run_dir}'s validation images could be read under {cfg.data}: "
+                                "if the data moved, pass --data DIR")
     return predict_logits(model, val.images), val, cfg
 
 

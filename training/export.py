@@ -59,11 +59,11 @@ class Ensemble(nn.Module):
         return tuple(torch.stack([o[i] for o in outs]).mean(0) for i in range(3))
 
 
-def _temperature(run_dir: Path) -> float:
+def _temperature(run_dir: Path, data_dir: str | None = None) -> float:
     path = run_dir / "calibration.json"
     if not path.is_file() or not (run_dir / "metrics.json").is_file():
         log.info("%s has not been evaluated yet: evaluating (fits the temperature on the validation split)", run_dir)
-        evaluate_run(run_dir, plots=False)  # `cxr evaluate` draws the plots
+        evaluate_run(run_dir, data_dir, plots=False)  # `cxr evaluate` draws the plots
     return float(json.loads(path.read_text())["temperature"])
 
 
@@ -147,11 +147,12 @@ def _card(cfg: TrainConfig, metrics: dict, parity: dict, extra: dict) -> dict:
     }
 
 
-def export_run(run_dir: Path, repo: Path, name: str | None = None) -> Path:
+def export_run(run_dir: Path, repo: Path, name: str | None = None, data_dir: str | None = None) -> Path:
     """Export one run as a new version of model `name` (default: its architecture). Returns the version folder."""
     run_dir = Path(run_dir)
-    temperature = _temperature(run_dir)
+    temperature = _temperature(run_dir, data_dir)
     net, cfg = load_model(run_dir)
+    cfg.data = data_dir or cfg.data
     metrics = json.loads((run_dir / "metrics.json").read_text())
     module = Calibrated(net, temperature).eval()
     settings = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k not in ("data", "manifest")}
@@ -162,12 +163,13 @@ def export_run(run_dir: Path, repo: Path, name: str | None = None) -> Path:
                                         "train_images_per_second": metrics.get("train_images_per_second")}})
 
 
-def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble") -> Path:
+def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble", data_dir: str | None = None) -> Path:
     """Export the members as one graph that averages them. They must share classes, image size and split."""
     members, cfgs = [], []
     for run_dir in map(Path, run_dirs):
-        temperature = _temperature(run_dir)
+        temperature = _temperature(run_dir, data_dir)
         net, cfg = load_model(run_dir)
+        cfg.data = data_dir or cfg.data
         members.append(Calibrated(net, temperature))
         cfgs.append(cfg)
     first = cfgs[0]
@@ -176,7 +178,7 @@ def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble") ->
             raise ExportError(f"{run_dir}: ensemble members need the same classes and image size "
                               f"({cfg.classes}, {cfg.image_size} vs {first.classes}, {first.image_size})")
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = evaluate_ensemble(list(map(Path, run_dirs)), Path(tmp) / "ensemble", plots=False)
+        metrics = evaluate_ensemble(list(map(Path, run_dirs)), Path(tmp) / "ensemble", data_dir, plots=False)
     module = Ensemble(members).eval()
     extra = {"architecture": "ensemble",
              "members": [{"architecture": c.architecture, "temperature": float(m.inv_temperature.reciprocal()),

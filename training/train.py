@@ -105,7 +105,7 @@ def prepare_split(cfg: TrainConfig, run_dir: Path) -> tuple[D.ImageSet, D.ImageS
             writer.writerows([[s.file, s.reason] for s in skipped])
     if skipped:
         log.warning("%d unreadable images skipped (listed in %s)", len(skipped), run_dir / "skipped.csv")
-    is_val = np.array([side == "val" for side in split])
+    is_val = np.array([side == "val" for side in split], dtype=bool)
     return subset(everything, ~is_val), subset(everything, is_val)
 
 

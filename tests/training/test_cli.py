@@ -94,3 +94,21 @@ def test_train_all_architectures_skips_unreadable_files_and_evaluates_the_folder
     assert main(["evaluate", str(out)]) == 0
     rows = (out / "comparison.md").read_text().splitlines()[2:]
     assert [r.split("|")[1].strip() for r in rows] == ["custom_cnn", "mobilenet", "resnet50"]
+
+
+def test_evaluate_and_export_after_the_data_moved(trained_repository, cxr_raw_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_repository.parent / "runs" / "custom_cnn", run)
+    for f in ("metrics.json", "calibration.json"):
+        (run / f).unlink()
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["evaluate", str(run)]) == 2
+    assert "pass --data" in capsys.readouterr().out
+    assert main(["export", str(run), "--repository", str(tmp_path / "repo")]) == 1
+    assert not (tmp_path / "repo" / "custom_cnn").exists()
+    assert main(["export", str(run), "--repository", str(tmp_path / "repo"), "--data", str(cxr_raw_dir)]) == 0
+    assert repository.list_versions(tmp_path / "repo" / "custom_cnn") == [1]
