@@ -17,7 +17,7 @@ class GatewaySettings(BaseSettings):
     port: int = 50051
     """Port of the gateway's gRPC API (0 picks a free port)."""
     metrics_port: int = 9090
-    """Port of the Prometheus /metrics endpoint (0 disables it)."""
+    """HTTP port of the Prometheus /metrics endpoint; 0 picks a free port, -1 turns it off."""
     default_model: str = "ensemble"
     """Model used when a request names none."""
 
