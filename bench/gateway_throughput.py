@@ -25,9 +25,7 @@ import io
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from cxr import repository  # noqa: E402
 from cxr.imaging import read_image, resize_for_model  # noqa: E402
+from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 NIH_DICOM = "nih_1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
@@ -118,19 +117,9 @@ def _summary(latencies: list[float], elapsed: float, clients: int, errors: int) 
     }
 
 
-def start(name: str, argv: list[str], workdir: Path, threads: int) -> tuple[subprocess.Popen, int]:
-    port_file = workdir / f"{name}.ports"
-    log = open(workdir / f"{name}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cxr", "serve", name, *argv, "--host", "127.0.0.1", "--port", "0",
-                             "--port-file", str(port_file)],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=log, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 300
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            raise SystemExit(f"{name} did not start:\n{(workdir / f'{name}.log').read_text()[-3000:]}")
-        time.sleep(0.1)
-    return proc, int(port_file.read_text().split()[0])
+def start(name: str, argv: list[str], workdir: Path, threads: int) -> ServiceProcess:
+    return start_service(name, [*argv, "--host", "127.0.0.1", "--port", "0"], workdir,
+                         env={"OMP_NUM_THREADS": str(threads)})
 
 
 async def drive(port: int, model: str, data: bytes, clients: int, seconds: float) -> dict:
@@ -212,15 +201,15 @@ def main() -> int:
             b = results[name]["baseline"]
             print(f"  {name} ({len(data)} bytes) in-process: {b['throughput']:7.1f} images/s  p50 {b['p50_ms']:7.2f} ms", flush=True)
 
-        inference, inference_port = start("inference", ["--repository", str(repo), "--metrics-port", "0",
+        inference = start("inference", ["--repository", str(repo), "--metrics-port", "0",
                                                         "--intra-op-threads", str(args.threads)], workdir, args.threads)
-        gateway, gateway_port = start("gateway", ["--inference", f"127.0.0.1:{inference_port}", "--metrics-port", "0",
+        gateway = start("gateway", ["--inference", inference.address, "--metrics-port", "0",
                                                   "--decode-workers", str(args.decode_workers),
                                                   "--decode-processes", str(args.decode_processes)], workdir, args.threads)
         try:
             for name, data in encoded.items():
                 for clients in (int(c) for c in args.clients.split(",")):
-                    row = asyncio.run(drive(gateway_port, model, data, clients, args.duration))
+                    row = asyncio.run(drive(gateway.port, model, data, clients, args.duration))
                     row["ratio"] = row["throughput"] / results[name]["baseline"]["throughput"]
                     results[name]["stack"].append(row)
                     print(f"  {name} gateway N={clients:2d}: {row['throughput']:7.1f} images/s  p50 {row['p50_ms']:7.2f} ms  "
@@ -228,9 +217,8 @@ def main() -> int:
                           f"gateway (median ms): decode {row['gw_decode_ms']:.1f} resize {row['gw_preprocess_ms']:.1f} "
                           f"inference call {row['gw_inference_ms']:.1f} total {row['gw_total_ms']:.1f}", flush=True)
         finally:
-            for proc in (gateway, inference):
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
+            for service in (gateway, inference):
+                service.stop(60)
         # other work on the machine shifts the numbers over a run: measure the baseline again afterwards and
         # keep the faster of the two, so the ratio is never flattered by a slow baseline
         for name, data in encoded.items():

@@ -23,9 +23,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ OUTPUT = "probabilities"  # what a classifying client asks for (raw computes the
 sys.path.insert(0, str(ROOT))
 
 from cxr import repository  # noqa: E402
+from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
 
 def pick_repository(arg: str | None, workdir: Path) -> Path:
@@ -94,21 +93,10 @@ class RawModel:
         return done / (time.perf_counter() - start)
 
 
-def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    port_file = workdir / "ports"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    log = open(workdir / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "inference", "--repository", str(repo),
-                             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-                             "--intra-op-threads", str(threads), "--port-file", str(port_file), *extra],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 300
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            raise SystemExit(f"inference server did not start:\n{(workdir / 'server.log').read_text()}")
-        time.sleep(0.1)
-    return proc, int(port_file.read_text().split()[0])
+def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> ServiceProcess:
+    return start_service("inference", ["--repository", str(repo), "--host", "127.0.0.1", "--port", "0", "--metrics-port",
+                                       "-1", "--intra-op-threads", str(threads), *extra],
+                         workdir, env={"OMP_NUM_THREADS": str(threads)})
 
 
 def execution_counts(port: int, model: str) -> tuple[int, int]:
@@ -255,7 +243,8 @@ def main() -> int:
             repository.write_config(served / model, config)
             print(f"  service: {args.instances} instances x {max(1, args.threads // args.instances)} intra-op threads",
                   flush=True)
-        proc, port = start_server(served, workdir, args.threads, args.server_arg)
+        server = start_server(served, workdir, args.threads, args.server_arg)
+        port = server.port
         rows = []
         try:
             for clients in (int(c) for c in args.clients.split(",")):
@@ -263,7 +252,7 @@ def main() -> int:
                 rows_before, batches_before = execution_counts(port, model)
                 for _ in range(args.rounds):
                     raw = raw_model.throughput(best_batch, args.duration / 2)
-                    service = asyncio.run(drive(port, model, images, clients, args.duration, proc.pid))
+                    service = asyncio.run(drive(port, model, images, clients, args.duration, server.process.pid))
                     service["cpu_ratio"] = service["per_cpu_s"] / raw_model.last_per_cpu_s
                     rounds.append((raw, service))
                     print(f"  N={clients:3d}: raw {raw:8.1f}  service {service['throughput']:8.1f} images/s  "
@@ -286,8 +275,7 @@ def main() -> int:
                     "mean_batch": mean_batch,
                 })
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            server.stop(60)
 
     print()
     print(f"raw onnxruntime sweep (images/s by batch size): "

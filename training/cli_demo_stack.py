@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from cxr.processes import start_service
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-raw"
 
 
@@ -83,21 +85,6 @@ def _sample_image(data: Path) -> Path | None:
     return None
 
 
-def _start(cmd: list[str], log_path: Path, port_file: Path) -> subprocess.Popen:
-    port_file.unlink(missing_ok=True)
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd + ["--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300  # warm-up of large models on a slow CPU takes a while
-    while not port_file.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"demo-stack: `{' '.join(cmd[2:5])}` exited with {proc.returncode}; see {log_path}")
-        if time.monotonic() > deadline:
-            proc.terminate()
-            raise SystemExit(f"demo-stack: `{' '.join(cmd[2:5])}` did not come up in 300 s; see {log_path}")
-        time.sleep(0.2)
-    return proc
-
-
 def run(args: argparse.Namespace) -> int:
     repository = Path(args.repository).resolve()
     work = Path(args.work).resolve()
@@ -114,17 +101,19 @@ def run(args: argparse.Namespace) -> int:
             _check(_cxr("demo-data", "--out", str(data)))
 
     _step("starting the inference service and the gateway")
-    inference = _start(_cxr("serve", "inference", "--repository", str(repository), "--port", str(args.inference_port),
-                            "--metrics-port", str(args.inference_metrics_port)),
-                       work / "inference.log", work / "inference.ports")
-    gateway_cmd = _cxr("serve", "gateway", "--inference", f"localhost:{args.inference_port}",
-                       "--port", str(args.gateway_port), "--metrics-port", str(args.gateway_metrics_port))
+    try:
+        inference = start_service("inference", ["--repository", str(repository), "--port", str(args.inference_port),
+                                                "--metrics-port", str(args.inference_metrics_port)], work)
+    except RuntimeError as exc:
+        raise SystemExit(f"demo-stack: {exc}") from None
+    gateway_args = ["--inference", f"localhost:{inference.port}", "--port", str(args.gateway_port),
+                    "--metrics-port", str(args.gateway_metrics_port)]
     if model or not (repository / "ensemble").is_dir():
         default = model or sorted(p.parent.parent.name for p in repository.glob("*/[0-9]*/model.onnx"))[0]
-        gateway_cmd += ["--default-model", default]
+        gateway_args += ["--default-model", default]
     children = [inference]
     try:
-        children.append(_start(gateway_cmd, work / "gateway.log", work / "gateway.ports"))
+        children.append(start_service("gateway", gateway_args, work))
         sample = _sample_image(data)
         if sample is not None:
             _step(f"classifying {sample.name} through the gateway")
@@ -139,14 +128,11 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
             while True:
                 time.sleep(3600)
+    except RuntimeError as exc:  # the gateway did not start (the finally stops the inference service)
+        raise SystemExit(f"demo-stack: {exc}") from None
     except KeyboardInterrupt:
         pass
     finally:
-        for proc in reversed(children):
-            proc.send_signal(signal.SIGTERM)
-        for proc in reversed(children):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for service in reversed(children):
+            service.stop(30)  # SIGTERM: each drains, then exits
     return 0

@@ -37,12 +37,12 @@ def batching_server(served_repository, tmp_path_factory):
     config_path.write_text(config)
     handle = start_server(repo, tmp_path_factory.mktemp("server"), "--model-control", "explicit", "--load-model", "*")
     yield handle
-    handle.terminate()
+    handle.stop()
 
 
 @pytest.fixture
 def client(batching_server):
-    with triton.InferenceServerClient(batching_server.url) as c:
+    with triton.InferenceServerClient(batching_server.address) as c:
         yield c
 
 

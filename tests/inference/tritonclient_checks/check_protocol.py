@@ -33,14 +33,14 @@ def sha256_file(path):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with triton.InferenceServerClient(server.url) as c:
+    with triton.InferenceServerClient(server.address) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def stub(server):
     """tritonclient's own generated stub, for what its high-level client cannot send (typed contents, bad bytes)."""
-    with grpc.insecure_channel(server.url) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
@@ -244,7 +244,7 @@ def test_health_and_reflection(server):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with grpc.insecure_channel(server.url) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "inference.GRPCInferenceService"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
@@ -288,10 +288,10 @@ def test_message_size_limit_from_the_environment(served_repository, radiographs,
     server = start_server(served_repository, tmp_path / "server", "--model-control", "explicit",
                           "--load-model", "custom_cnn", env={"CXR_INFERENCE_MAX_MESSAGE_BYTES": str(limit)})
     try:
-        with triton.InferenceServerClient(server.url) as client:
+        with triton.InferenceServerClient(server.address) as client:
             big = np.resize(radiographs, (32, 1, 64, 64))  # 131 072 bytes of pixels
             expect_error("RESOURCE_EXHAUSTED", lambda: client.infer("custom_cnn", [image_input(big)]))
             small = client.infer("custom_cnn", [image_input(radiographs)])
             assert small.as_numpy("probabilities").shape == (6, 3)
     finally:
-        assert server.terminate() == 0
+        assert server.stop() == 0

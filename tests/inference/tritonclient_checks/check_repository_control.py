@@ -54,7 +54,7 @@ def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_r
 
     server = start_server(own_repository, tmp_path / "server")  # model control none: load everything at start
     try:
-        with triton.InferenceServerClient(server.url) as client:
+        with triton.InferenceServerClient(server.address) as client:
             assert client.is_server_ready(), "the healthy models serve although some are broken"
             index = {m.name: m for m in client.get_model_repository_index().models}
             for name in ("bad_config", "wrong_dims", "truncated"):
@@ -81,17 +81,17 @@ def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_r
             expect_error("FAILED_PRECONDITION", lambda: client.load_model("mobilenet"), "explicit")
             expect_error("FAILED_PRECONDITION", lambda: client.unload_model("mobilenet"), "explicit")
     finally:
-        assert server.terminate() == 0
+        assert server.stop() == 0
 
 
 def test_explicit_control_loads_and_unloads(own_repository, radiographs, tmp_path):
     server = start_server(own_repository, tmp_path / "server", "--model-control", "explicit",
                           "--load-model", "custom_cnn")
     try:
-        with triton.InferenceServerClient(server.url) as client:
+        with triton.InferenceServerClient(server.address) as client:
             index = {m.name: m for m in client.get_model_repository_index().models}
             assert index["mobilenet"].state == "UNAVAILABLE" and index["mobilenet"].reason == "not loaded"
-            with grpc.insecure_channel(server.url) as channel:  # tritonclient's own stub: its client lacks `ready`
+            with grpc.insecure_channel(server.address) as channel:  # tritonclient's own stub: its client lacks `ready`
                 ready_only = service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
                     service_pb2.RepositoryIndexRequest(ready=True), timeout=10)
             assert {(m.name, m.version) for m in ready_only.models} == {("custom_cnn", "1"), ("custom_cnn", "2")}
@@ -113,7 +113,7 @@ def test_explicit_control_loads_and_unloads(own_repository, radiographs, tmp_pat
             expect_error("NOT_FOUND", lambda: client.load_model("no_such_model"), "no_such_model")
             expect_error("NOT_FOUND", lambda: client.load_model("../model_repository/custom_cnn"))
     finally:
-        assert server.terminate() == 0
+        assert server.stop() == 0
 
 
 def test_reload_swaps_atomically_and_running_requests_finish_on_the_old_version(own_repository, radiographs,
@@ -125,7 +125,7 @@ def test_reload_swaps_atomically_and_running_requests_finish_on_the_old_version(
     config_path.write_text(config.replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 800000"))
     server = start_server(own_repository, tmp_path / "server", "--model-control", "explicit", "--load-model", "*")
     try:
-        with triton.InferenceServerClient(server.url) as client:
+        with triton.InferenceServerClient(server.address) as client:
             v1_logits = client.infer("custom_cnn", [image_input(radiographs)], model_version="1").as_numpy("logits")
             answers, errors = [], []
             lock = threading.Lock()
@@ -173,4 +173,4 @@ def test_reload_swaps_atomically_and_running_requests_finish_on_the_old_version(
             assert client.is_model_ready("custom_cnn")
             assert client.infer("custom_cnn", [image_input(radiographs[:1])]).get_response().model_version == "3"
     finally:
-        assert server.terminate() == 0
+        assert server.stop() == 0

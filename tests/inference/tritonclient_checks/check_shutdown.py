@@ -28,7 +28,7 @@ def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_reposi
     config_path.write_text(config_path.read_text().replace("max_queue_delay_microseconds: 500",
                                                            "max_queue_delay_microseconds: 2000000"))
     server = start_server(own_repository, tmp_path / "server", "--grace-period", "20")
-    with triton.InferenceServerClient(server.url) as client, grpc.insecure_channel(server.url) as channel:
+    with triton.InferenceServerClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
         answers, errors = [], []
@@ -42,7 +42,7 @@ def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_reposi
             client.async_infer("mobilenet", [image_input(radiographs[2 * i:2 * i + 2])], callback, request_id=f"q{i}")
         time.sleep(0.3)
         sent = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
 
         # Draining: not ready, health NOT_SERVING, new inference refused with UNAVAILABLE; the queued ones still wait.
@@ -54,12 +54,12 @@ def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_reposi
         assert refused.value.status() == "StatusCode.UNAVAILABLE" and "shutting down" in refused.value.message()
         assert len(answers) + len(errors) == 0, "queued requests are not cut off"
 
-        returncode = server.proc.wait(30)
+        returncode = server.process.wait(30)
         exited_after = time.monotonic() - sent
     assert returncode == 0
     assert errors == [] and sorted(a.get_response().id for a in answers) == ["q0", "q1", "q2"]
     for answer in answers:
         assert answer.as_numpy("probabilities").shape == (2, 3)
     assert exited_after < 20, "the server stops within its grace period"
-    log = server.log()
+    log = server.log_text()
     assert log.index("readiness false") < log.index("server stopped")

@@ -47,4 +47,4 @@ def server(served_repository, tmp_path_factory) -> ServerProcess:
     handle = start_server(served_repository, tmp_path_factory.mktemp("server"), "--model-control", "explicit",
                           "--load-model", "*")
     yield handle
-    handle.terminate()
+    handle.stop()
