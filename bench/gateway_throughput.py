@@ -36,25 +36,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr import repository  # noqa: E402
 from cxr.imaging import read_image, resize_for_model  # noqa: E402
+from bench.common import pick_repository, served_model  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 NIH_DICOM = "nih_1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
-
-
-def pick_repository(arg: str | None, workdir: Path) -> Path:
-    if arg:
-        return Path(arg)
-    default = ROOT / "model_repository"
-    if default.is_dir() and repository.list_models(default):
-        return default
-    from training.testing import build_test_repository  # the fallback needs torch
-
-    data = Path(os.environ.get("CXR_RAW_DATA", DATA / "cxr-raw"))
-    print(f"no model repository given: training a small one on {data} ...", flush=True)
-    return build_test_repository(data, workdir)
 
 
 def inputs() -> dict[str, bytes]:
@@ -184,12 +171,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cxr-gw-bench-") as tmp:
         workdir = Path(tmp)
         repo = pick_repository(args.repository, workdir)
-        models = repository.list_models(repo)
-        model = args.model or ("ensemble" if "ensemble" in models else models[0])
-        config = repository.read_config(repo / model)
-        version = repository.select_versions(config, repository.list_versions(repo / model))[-1]
-        model_path = repository.model_path(repo / model, version, config)
-        size = int(config.input[0].dims[-1])
+        chosen = served_model(repo, args.model, preferred="ensemble")
+        model, version, model_path, size = chosen.name, chosen.version, chosen.path, chosen.size
         encoded = inputs()
         print(f"model {model} v{version} ({size}x{size}); {args.threads} intra-op threads; {args.decode_workers} gateway "
               f"decode threads, {args.decode_processes} decode processes; {os.cpu_count()} CPUs; "

@@ -36,20 +36,8 @@ OUTPUT = "probabilities"  # what a classifying client asks for (raw computes the
 sys.path.insert(0, str(ROOT))
 
 from cxr import repository  # noqa: E402
+from bench.common import pick_repository, served_model  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
-
-
-def pick_repository(arg: str | None, workdir: Path) -> Path:
-    if arg:
-        return Path(arg)
-    default = ROOT / "model_repository"
-    if default.is_dir() and repository.list_models(default):
-        return default
-    from training.testing import build_test_repository  # the fallback needs torch
-
-    data = Path(os.environ.get("CXR_RAW_DATA", ROOT.parent / "shared" / "data" / "cxr-raw"))
-    print(f"no model repository given: training a small one on {data} ...", flush=True)
-    return build_test_repository(data, workdir)
 
 
 def load_images(size: int, count: int = 64) -> np.ndarray:
@@ -195,12 +183,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         workdir = Path(tmp)
         repo = pick_repository(args.repository, workdir)
-        models = repository.list_models(repo)
-        model = args.model or ("resnet50" if "resnet50" in models else models[0])
-        config = repository.read_config(repo / model)
-        version = repository.select_versions(config, repository.list_versions(repo / model))[-1]
-        model_path = repository.model_path(repo / model, version, config)
-        size = int(config.input[0].dims[-1])
+        chosen = served_model(repo, args.model, preferred="resnet50")
+        model, version, config, model_path, size = chosen.name, chosen.version, chosen.config, chosen.path, chosen.size
         images = load_images(size)
         batching = config.dynamic_batching
         print(f"model {model} v{version} ({size}x{size}, max_batch_size {config.max_batch_size}, "

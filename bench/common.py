@@ -1,0 +1,45 @@
+"""What the benchmarks share: which model repository to measure, and which model version in it is served."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr import repository
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pick_repository(arg: str | None, workdir: Path) -> Path:
+    """The repository given, else ./model_repository when it has models, else a small one trained now (needs torch)."""
+    if arg:
+        return Path(arg)
+    default = ROOT / "model_repository"
+    if default.is_dir() and repository.list_models(default):
+        return default
+    from training.testing import build_test_repository  # the fallback needs torch
+
+    data = Path(os.environ.get("CXR_RAW_DATA", ROOT.parent / "shared" / "data" / "cxr-raw"))
+    print(f"no model repository given: training a small one on {data} ...", flush=True)
+    return build_test_repository(data, workdir)
+
+
+@dataclass
+class ServedModel:
+    """The version of a model that the service serves by default (the newest its version policy allows)."""
+
+    name: str
+    version: int
+    config: object  # cxr.generated.inference.model_config_pb2.ModelConfig
+    path: Path  # its model.onnx
+    size: int  # square input side
+
+
+def served_model(repo: Path, name: str | None, preferred: str) -> ServedModel:
+    models = repository.list_models(repo)
+    name = name or (preferred if preferred in models else models[0])
+    config = repository.read_config(repo / name)
+    version = repository.select_versions(config, repository.list_versions(repo / name))[-1]
+    return ServedModel(name, version, config, repository.model_path(repo / name, version, config),
+                       int(config.input[0].dims[-1]))
