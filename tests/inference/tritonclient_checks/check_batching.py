@@ -12,15 +12,10 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from inference.tritonclient_checks.triton_helpers import image_input
 from inference.server_process import start_server
 
 QUEUE_DELAY_S = 1.0
-
-
-def image_input(images: np.ndarray) -> triton.InferInput:
-    tensor = triton.InferInput("image", list(images.shape), "UINT8")
-    tensor.set_data_from_numpy(images)
-    return tensor
 
 
 @pytest.fixture(scope="module")

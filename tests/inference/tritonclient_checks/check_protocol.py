@@ -18,6 +18,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from inference.tritonclient_checks.triton_helpers import expect_error, image_input
 
 MODELS = ["custom_cnn", "ensemble", "mobilenet", "resnet50"]
 OUTPUTS = ["probabilities", "logits", "cam"]
@@ -42,12 +43,6 @@ def stub(server):
     """tritonclient's own generated stub, for what its high-level client cannot send (typed contents, bad bytes)."""
     with grpc.insecure_channel(server.address) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-
-def image_input(images: np.ndarray, name: str = "image", datatype: str = "UINT8") -> triton.InferInput:
-    tensor = triton.InferInput(name, list(images.shape), datatype)
-    tensor.set_data_from_numpy(images)
-    return tensor
 
 
 def test_liveness_readiness_and_server_metadata(client):
@@ -193,15 +188,6 @@ def test_repository_index_lists_every_model_and_version(client):
 
 
 # ---- errors: the right status, a message naming expected and received values, and the server stays up ----------
-
-def expect_error(code: str, call, *fragments: str) -> str:
-    with pytest.raises(InferenceServerException) as error:
-        call()
-    assert error.value.status() == f"StatusCode.{code}", error.value.message()
-    for fragment in fragments:
-        assert fragment in error.value.message(), error.value.message()
-    return error.value.message()
-
 
 def test_unknown_model_or_version_is_not_found(client, radiographs):
     expect_error("NOT_FOUND", lambda: client.infer("no_such_model", [image_input(radiographs[:1])]),

@@ -9,27 +9,12 @@ import time
 
 import grpc
 import numpy as np
-import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from inference.tritonclient_checks.triton_helpers import expect_error, image_input
 from inference.server_process import start_server
-
-
-def image_input(images: np.ndarray) -> triton.InferInput:
-    tensor = triton.InferInput("image", list(images.shape), "UINT8")
-    tensor.set_data_from_numpy(images)
-    return tensor
-
-
-def expect_error(code: str, call, *fragments: str) -> str:
-    with pytest.raises(InferenceServerException) as error:
-        call()
-    assert error.value.status() == f"StatusCode.{code}", error.value.message()
-    for fragment in fragments:
-        assert fragment in error.value.message(), error.value.message()
-    return error.value.message()
 
 
 def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_repository, radiographs, tmp_path):

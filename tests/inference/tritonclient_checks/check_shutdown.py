@@ -7,19 +7,13 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from inference.tritonclient_checks.triton_helpers import image_input
 from inference.server_process import start_server
-
-
-def image_input(images: np.ndarray) -> triton.InferInput:
-    tensor = triton.InferInput("image", list(images.shape), "UINT8")
-    tensor.set_data_from_numpy(images)
-    return tensor
 
 
 def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_repository, radiographs, tmp_path):
