@@ -1,8 +1,10 @@
-"""What the benchmarks share: which model repository to measure, and which model version in it is served."""
+"""What the benchmarks share: which model repository to measure, which model version in it is served, and how a
+window of request latencies is summarised."""
 
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,3 +45,16 @@ def served_model(repo: Path, name: str | None, preferred: str) -> ServedModel:
     version = repository.select_versions(config, repository.list_versions(repo / name))[-1]
     return ServedModel(name, version, config, repository.model_path(repo / name, version, config),
                        int(config.input[0].dims[-1]))
+
+
+def latency_summary(latencies: list[float], elapsed: float, clients: int, errors: int) -> dict:
+    """Throughput and p50/p99 latency (ms) of the requests answered in `elapsed` seconds."""
+    latencies = sorted(latencies)
+    return {
+        "clients": clients,
+        "throughput": len(latencies) / elapsed,
+        "p50_ms": 1e3 * statistics.median(latencies),
+        "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "requests": len(latencies),
+        "errors": errors,
+    }

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cxr.imaging import read_image, resize_for_model  # noqa: E402
-from bench.common import pick_repository, served_model  # noqa: E402
+from bench.common import latency_summary, pick_repository, served_model  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -89,19 +88,7 @@ def baseline(model_path: Path, size: int, data: bytes, threads: int, seconds: fl
         t0 = time.perf_counter()
         once()
         latencies.append(time.perf_counter() - t0)
-    return _summary(latencies, time.perf_counter() - start, 1, 0)
-
-
-def _summary(latencies: list[float], elapsed: float, clients: int, errors: int) -> dict:
-    latencies = sorted(latencies)
-    return {
-        "clients": clients,
-        "throughput": len(latencies) / elapsed,
-        "p50_ms": 1e3 * statistics.median(latencies),
-        "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-        "requests": len(latencies),
-        "errors": errors,
-    }
+    return latency_summary(latencies, time.perf_counter() - start, 1, 0)
 
 
 def start(name: str, argv: list[str], workdir: Path, threads: int) -> ServiceProcess:
@@ -127,7 +114,6 @@ async def drive(port: int, model: str, data: bytes, clients: int, seconds: float
             await stub.Classify(request, timeout=60)
 
         async def window(seconds: float, record: bool) -> None:
-            nonlocal errors
             stop_at = time.perf_counter() + seconds
 
             async def client() -> None:
@@ -150,7 +136,7 @@ async def drive(port: int, model: str, data: bytes, clients: int, seconds: float
         start_at = time.perf_counter()
         await window(seconds, record=True)
         elapsed = time.perf_counter() - start_at
-    summary = _summary(latencies, elapsed, clients, errors)
+    summary = latency_summary(latencies, elapsed, clients, errors)
     medians = np.median(np.array(timings), axis=0)
     summary.update(zip(("gw_decode_ms", "gw_preprocess_ms", "gw_inference_ms", "gw_total_ms"), map(float, medians)))
     return summary

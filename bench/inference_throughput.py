@@ -36,7 +36,7 @@ OUTPUT = "probabilities"  # what a classifying client asks for (raw computes the
 sys.path.insert(0, str(ROOT))
 
 from cxr import repository  # noqa: E402
-from bench.common import pick_repository, served_model  # noqa: E402
+from bench.common import latency_summary, pick_repository, served_model  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
 
@@ -126,8 +126,8 @@ async def drive(port: int, model: str, images: np.ndarray, clients: int, seconds
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for request in requests[:4]:  # warm the connection
             await stub.ModelInfer(request, timeout=60)
+
         async def window(seconds: float, record: bool) -> None:
-            nonlocal errors
             stop_at = time.perf_counter() + seconds
 
             async def client(k: int) -> None:
@@ -151,16 +151,7 @@ async def drive(port: int, model: str, images: np.ndarray, clients: int, seconds
         await window(seconds, record=True)
         elapsed = time.perf_counter() - start
         cpu = cpu_seconds(server_pid) - cpu  # the server's CPU time (clients would run elsewhere)
-    latencies.sort()
-    return {
-        "clients": clients,
-        "throughput": len(latencies) / elapsed,
-        "p50_ms": 1e3 * statistics.median(latencies),
-        "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-        "requests": len(latencies),
-        "errors": errors,
-        "per_cpu_s": len(latencies) / max(cpu, 1e-9),
-    }
+    return {**latency_summary(latencies, elapsed, clients, errors), "per_cpu_s": len(latencies) / max(cpu, 1e-9)}
 
 
 def main() -> int:
@@ -262,7 +253,7 @@ def main() -> int:
             server.stop(60)
 
     print()
-    print(f"raw onnxruntime sweep (images/s by batch size): "
+    print("raw onnxruntime sweep (images/s by batch size): "
           + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()) + f"; best batch {best_batch}")
     print(f"raw baseline: batch {best_batch}, {args.threads} intra-op threads, "
           f"{'spinning' if raw_model.spin_wait else 'sleeping'} idle threads (the faster)")
