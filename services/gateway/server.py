@@ -84,6 +84,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.executor = ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="decode")
         self.decode_pool = DecodePool(settings.decode_processes, self.limits) if settings.decode_processes > 0 else None
         self._in_flight = 0
+        self._model_cards: dict[tuple[str, str], dict] = {}  # a version folder never changes: read each card once
         # PIL's own bomb guard must not undercut a larger configured limit (ours is checked first anyway)
         from PIL import Image
 
@@ -295,10 +296,12 @@ class GatewayService(pb_grpc.GatewayServicer):
             return {}
         from cxr.repository import RepositoryError, read_model_card
 
-        try:
-            return read_model_card(self.settings.model_repository / name / version)
-        except (RepositoryError, OSError, ValueError):
-            return {}
+        if (name, version) not in self._model_cards:
+            try:
+                self._model_cards[(name, version)] = read_model_card(self.settings.model_repository / name / version)
+            except (RepositoryError, OSError, ValueError):
+                return {}  # not cached: the folder may appear once the version is exported
+        return self._model_cards[(name, version)]
 
     def _record(self, trace: _Trace, total_s: float) -> None:
         self.metrics.requests.labels(trace.model, trace.version, trace.code).inc()
