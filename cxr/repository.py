@@ -22,7 +22,8 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from cxr.generated.inference.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
+from cxr import datatypes
+from cxr.generated.inference.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
 PLATFORM = "onnxruntime_onnx"
 CONFIG_FILENAME = "config.pbtxt"
@@ -33,25 +34,6 @@ MODEL_FILENAME = "model.onnx"
 # Defaults written into a new config.pbtxt; operators tune them in the file (Triton's names and meanings).
 DEFAULT_MAX_QUEUE_DELAY_US = 500
 DEFAULT_MAX_QUEUE_SIZE = 256
-
-# onnxruntime's type strings -> Triton's DataType
-_ORT_TO_DATATYPE = {
-    "tensor(bool)": DataType.TYPE_BOOL,
-    "tensor(uint8)": DataType.TYPE_UINT8,
-    "tensor(uint16)": DataType.TYPE_UINT16,
-    "tensor(uint32)": DataType.TYPE_UINT32,
-    "tensor(uint64)": DataType.TYPE_UINT64,
-    "tensor(int8)": DataType.TYPE_INT8,
-    "tensor(int16)": DataType.TYPE_INT16,
-    "tensor(int32)": DataType.TYPE_INT32,
-    "tensor(int64)": DataType.TYPE_INT64,
-    "tensor(float16)": DataType.TYPE_FP16,
-    "tensor(float)": DataType.TYPE_FP32,
-    "tensor(double)": DataType.TYPE_FP64,
-    "tensor(string)": DataType.TYPE_STRING,
-    "tensor(bfloat16)": DataType.TYPE_BF16,
-}
-
 
 class RepositoryError(ValueError):
     """The repository (or one model in it) does not have the expected layout or content."""
@@ -256,21 +238,16 @@ def default_config(
 
 def _datatype(ort_type: str) -> int:
     try:
-        return _ORT_TO_DATATYPE[ort_type]
-    except KeyError:
-        raise RepositoryError(f"unsupported ONNX tensor type {ort_type}") from None
+        return datatypes.by_onnx(ort_type).config
+    except datatypes.TensorError as e:
+        raise RepositoryError(str(e)) from None
 
 
 def _dims(shape: list, max_batch_size: int, tensor: str) -> list[int]:
-    """ONNX shape -> config dims: without the batch axis when batching; symbolic dimensions become -1."""
-    dims = [d if isinstance(d, int) and d > 0 else -1 for d in shape]
-    if max_batch_size > 0:
-        if not dims or dims[0] != -1:
-            raise RepositoryError(
-                f"tensor {tensor!r} has shape {shape}: max_batch_size > 0 needs a dynamic first (batch) axis"
-            )
-        dims = dims[1:]
-    return dims
+    try:
+        return datatypes.config_dims(shape, max_batch_size, tensor)
+    except datatypes.TensorError as e:
+        raise RepositoryError(str(e)) from None
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -54,3 +54,24 @@ def trained_repository(cxr_raw_dir, tmp_path_factory) -> Path:
     from training.testing import build_test_repository
 
     return build_test_repository(cxr_raw_dir, tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def toy_onnx(tmp_path_factory) -> Path:
+    """The few-kilobyte toy classifier of tests/toy_model.py (no torch, no data): image uint8 [N,1,16,16] ->
+    probabilities, logits [N,3], cam [N,3,2,2]."""
+    from tests import toy_model
+
+    return toy_model.build(tmp_path_factory.mktemp("toy") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def toy_repository(toy_onnx, tmp_path_factory) -> Path:
+    """A model repository holding the toy classifier as model `toy`, version 1, written by cxr.repository."""
+    from cxr import repository
+    from tests import toy_model
+
+    repo = tmp_path_factory.mktemp("toy_repository")
+    repository.write_model(repo, "toy", toy_onnx, classes=toy_model.CLASSES, image_size=toy_model.SIZE,
+                           model_card={"architecture": "toy"})
+    return repo

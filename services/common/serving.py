@@ -13,7 +13,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,11 +23,13 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 
-def create_server(max_message_bytes: int) -> grpc.aio.Server:
-    """A grpc.aio server with message size limits on both directions."""
-    return grpc.aio.server(options=[
+def create_server(max_message_bytes: int, *, max_send_bytes: int | None = None,
+                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A grpc.aio server with message size limits on both directions (`max_send_bytes` when the answers may be
+    larger than the requests) and `interceptors` (e.g. token authentication), which grpc.aio takes only here."""
+    return grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_send_bytes or max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ])
 

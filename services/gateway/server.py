@@ -21,6 +21,7 @@ import numpy as np
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from cxr.generated.cxr.v1 import gateway_pb2_grpc as pb_grpc
 from cxr.imaging import DecodedImage, ImageError, ImageLimits, read_image, resize_for_model
+from services.common.errors import ServiceError, aborts_on_error
 from services.common.logging import log_request
 from services.gateway.config import GatewaySettings
 from services.gateway.decode_pool import DecodePool
@@ -42,14 +43,6 @@ FORMATS = {
 # Beyond the configured size limits is "too large" (as gRPC's own message limit answers); other reader refusals are bad input.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MODEL_VERSION = re.compile(r"^[0-9]{0,18}$")
-
-
-class ClassifyError(Exception):
-    """A refusal: the status code and message the caller gets, and a short reason for logs and metrics."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = ""):
-        super().__init__(message)
-        self.code, self.message, self.reason = code, message, reason or code.name.lower()
 
 
 @dataclass
@@ -96,11 +89,9 @@ class GatewayService(pb_grpc.GatewayServicer):
         return self._in_flight
 
     # ---- RPCs -------------------------------------------------------------------------------------
+    @aborts_on_error
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        try:
-            return await self._classify(request, context.time_remaining(), "Classify")
-        except ClassifyError as exc:
-            await context.abort(exc.code, exc.message)
+        return await self._classify(request, context.time_remaining(), "Classify")
 
     async def ClassifyStream(self, request_iterator, context) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Up to `stream_window` requests in progress at once; answers go back in request order."""
@@ -130,13 +121,14 @@ class GatewayService(pb_grpc.GatewayServicer):
                 if pending is not None:
                     pending.cancel()
 
+    @aborts_on_error
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         deadline = self._deadline(context.time_remaining())
         try:
             names = await self.upstream.model_names(deadline)
         except UpstreamError as exc:
             if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                await context.abort(exc.code, exc.message)
+                raise
             names = {self.settings.default_model: []}  # an upstream without the repository index extension
         response = pb.ListModelsResponse()
         for name in sorted(names):
@@ -163,7 +155,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         try:
             response = await self._classify(request, context.time_remaining(), "ClassifyStream")
             return pb.ClassifyStreamResponse(request_id=response.request_id, response=response)
-        except ClassifyError as exc:
+        except ServiceError as exc:
             error = pb.Error(code=exc.code.value[0], code_name=exc.code.name, message=exc.message, reason=exc.reason)
             return pb.ClassifyStreamResponse(request_id=request.request_id, error=error)
 
@@ -179,12 +171,12 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.metrics.in_flight.inc()
         try:
             if self._in_flight > self.settings.max_in_flight:
-                raise ClassifyError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is busy ({self.settings.max_in_flight} requests in progress): retry later", "busy")
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is busy ({self.settings.max_in_flight} requests in progress): retry later", "busy")
             response = await self._run(request, trace, self._deadline(time_remaining))
             trace.ms["total_ms"] = _ms(time.perf_counter() - started)
             response.timings.total_ms = trace.ms["total_ms"]
             return response
-        except ClassifyError as exc:
+        except ServiceError as exc:
             trace.code, trace.reason = exc.code.name, exc.reason
             raise
         except asyncio.CancelledError:
@@ -193,7 +185,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         except Exception as exc:  # a bug of ours: answered INTERNAL, logged by type only (messages may quote input)
             trace.code, trace.reason = "INTERNAL", type(exc).__name__
             log.error("internal error", extra={"fields": {"request_id": trace.request_id, "exc_type": type(exc).__name__}})
-            raise ClassifyError(grpc.StatusCode.INTERNAL, f"internal gateway error ({type(exc).__name__})", "internal") from None
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"internal gateway error ({type(exc).__name__})", "internal") from None
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.dec()
@@ -201,13 +193,13 @@ class GatewayService(pb_grpc.GatewayServicer):
 
     async def _run(self, request: pb.ClassifyRequest, trace: _Trace, deadline: float) -> pb.ClassifyResponse:
         if request.format not in FORMATS:
-            raise ClassifyError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown image format value {request.format}", "bad_format")
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown image format value {request.format}", "bad_format")
         name = request.model_name or self.settings.default_model
         version = request.model_version
         if not MODEL_NAME.match(name):
-            raise ClassifyError(grpc.StatusCode.INVALID_ARGUMENT, "model_name must be 1-128 letters, digits, '_', '.' or '-'", "bad_model_name")
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "model_name must be 1-128 letters, digits, '_', '.' or '-'", "bad_model_name")
         if not MODEL_VERSION.match(version):
-            raise ClassifyError(grpc.StatusCode.INVALID_ARGUMENT, "model_version must be empty or a number", "bad_model_version")
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "model_version must be empty or a number", "bad_model_version")
 
         # decode first: a bad image is refused as such whatever the upstream's state
         loop = asyncio.get_running_loop()
@@ -224,14 +216,14 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.metrics.input_bytes.labels(decoded.format).observe(len(request.image))
         self.metrics.input_pixels.labels(decoded.format).observe(decoded.pixels.size)
 
-        spec = await self._upstream(self.upstream.model(name, version, deadline))
+        spec = await self.upstream.model(name, version, deadline)
         trace.model = spec.name
         pixels, preprocess_s = await loop.run_in_executor(self.executor, _timed_resize, decoded.pixels, spec.input_size)
         trace.ms["preprocess_ms"] = _ms(preprocess_s)
         self.metrics.preprocess_seconds.observe(preprocess_s)
 
         upstream_started = time.perf_counter()
-        result = await self._upstream(self.upstream.infer(spec, version, pixels, request.return_heatmap, trace.request_id, deadline))
+        result = await self.upstream.infer(spec, version, pixels, request.return_heatmap, trace.request_id, deadline)
         upstream_s = time.perf_counter() - upstream_started
         trace.version, trace.ms["upstream_ms"] = result.model_version, _ms(upstream_s)
         self.metrics.upstream_seconds.labels(spec.name).observe(upstream_s)
@@ -256,18 +248,11 @@ class GatewayService(pb_grpc.GatewayServicer):
             raise self._refusal(exc) from None
         return decoded, time.perf_counter() - started
 
-    def _refusal(self, exc: ImageError) -> ClassifyError:
+    def _refusal(self, exc: ImageError) -> ServiceError:
         self.metrics.image_errors.labels(exc.reason).inc()
         # every unreadable or oversized image (bombs included) is the caller's to fix: INVALID_ARGUMENT, as issue 4
         # asks; RESOURCE_EXHAUSTED stays for load (busy, queue full) and for gRPC's own message-size limit
-        return ClassifyError(grpc.StatusCode.INVALID_ARGUMENT, f"image refused ({exc.reason}): {exc}", exc.reason)
-
-    async def _upstream(self, call):
-        try:
-            return await call
-        except UpstreamError as exc:
-            reason = "upstream_" + exc.code.name.lower()
-            raise ClassifyError(exc.code, exc.message, reason) from None
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"image refused ({exc.reason}): {exc}", exc.reason)
 
     def _response(self, request, trace: _Trace, spec: ModelSpec, decoded: DecodedImage, result: InferResult) -> pb.ClassifyResponse:
         probabilities = result.probabilities
@@ -341,7 +326,7 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings):
         from services.common.security import TokenAuthInterceptor, load_tokens, server_credentials
-        from services.common.serving import add_health_and_reflection
+        from services.common.serving import add_health_and_reflection, create_server
 
         self.settings = settings
         self.metrics = GatewayMetrics()
@@ -349,15 +334,8 @@ class Gateway:
         self.service = GatewayService(settings, self.upstream, self.metrics)
         tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
         limit = settings.max_image_bytes + 64 * 1024  # the image plus the request's other fields
-        # our own grpc.aio.server (not serving.create_server): the token interceptor must be installed at creation
-        self.server = grpc.aio.server(
-            interceptors=[TokenAuthInterceptor(tokens)] if tokens else [],
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        self.server = create_server(limit, max_send_bytes=64 * 1024 * 1024,
+                                    interceptors=[TokenAuthInterceptor(tokens)] if tokens else [])
         pb_grpc.add_GatewayServicer_to_server(self.service, self.server)
         self.readiness = add_health_and_reflection(self.server, [SERVICE_NAME])
         address = f"{settings.host}:{settings.port}"

@@ -22,6 +22,8 @@ import numpy as np
 
 from cxr.generated.inference import grpc_service_pb2 as pb
 from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from cxr import datatypes
+from services.common.errors import ServiceError
 from services.common.security import bearer_metadata, channel_credentials
 from services.gateway.config import GatewaySettings
 
@@ -38,13 +40,11 @@ PASSED_THROUGH = {
 }
 
 
-class UpstreamError(Exception):
-    """An upstream failure, already mapped to the status code the gateway answers with."""
+class UpstreamError(ServiceError):
+    """An upstream failure, already mapped to the status code the gateway answers with; reason upstream_<code>."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(code, message, "upstream_" + code.name.lower())
 
 
 @dataclass(frozen=True)
@@ -286,24 +286,24 @@ class InferenceClient:
         )
 
 
-_NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
+# the output datatypes read as numbers (BYTES, e.g. classification strings, and BOOL are not ours to read)
+NUMERIC = {d.name for d in datatypes.DATATYPES if d.dtype is not None and d.name != "BOOL"}
 
 
 def _output_tensors(response) -> dict[str, np.ndarray]:
-    """Output tensors by name, from raw_output_contents (parallel to outputs) or typed contents."""
+    """Numeric output tensors by name as float32, from raw_output_contents (parallel to outputs) or typed contents."""
     result = {}
     for i, tensor in enumerate(response.outputs):
-        dtype = _NUMPY.get(tensor.datatype)
-        if dtype is None:
+        kind = datatypes.by_name(tensor.datatype) if tensor.datatype in NUMERIC else None
+        if kind is None:
             continue
-        shape = [int(d) for d in tensor.shape]
-        if i < len(response.raw_output_contents):
-            arr = np.frombuffer(response.raw_output_contents[i], dtype=dtype)
-        else:
-            arr = np.asarray(tensor.contents.fp32_contents or tensor.contents.fp64_contents, dtype=dtype)
-        if arr.size != int(np.prod(shape)):
-            raise UpstreamError(grpc.StatusCode.INTERNAL, f"output {tensor.name!r} holds {arr.size} values for shape {shape}")
-        result[tensor.name] = arr.reshape(shape).astype(np.float32)
+        raw = response.raw_output_contents[i] if i < len(response.raw_output_contents) else None
+        try:
+            array = datatypes.to_array(kind.name, tensor.shape, raw=raw, contents=tensor.contents,
+                                       tensor=f"output {tensor.name!r}")
+        except datatypes.TensorError as exc:
+            raise UpstreamError(grpc.StatusCode.INTERNAL, f"the inference response is malformed: {exc}") from None
+        result[tensor.name] = array.astype(np.float32)
     return result
 
 

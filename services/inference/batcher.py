@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from services.inference.errors import InferenceError, unavailable
+from services.common.errors import ServiceError, unavailable
 
 # (inputs, output names) -> {output name: array with the batch's rows}; runs in a worker thread
 RunBatch = Callable[[dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
@@ -36,11 +36,11 @@ QUEUED, RUNNING, DONE = "queued", "running", "done"
 
 @dataclass
 class BatchResult:
-    """One request's answer: its own rows of its requested outputs, and where its time went."""
+    """One request's answer: its own rows of its requested outputs, its time in the queue, and the rows of the batch
+    it ran in (the batch's compute time goes to `on_batch`)."""
 
     outputs: dict[str, np.ndarray]
     queue_s: float
-    compute_s: float
     batch_rows: int
 
 
@@ -121,7 +121,7 @@ class DynamicBatcher:
             raise unavailable(f"model {self._name} is unloading; retry to reach the version now served")
         s = self.settings
         if s.max_queue_size and len(self._queue) >= s.max_queue_size:
-            raise InferenceError(
+            raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"model {self._name}: queue is full ({s.max_queue_size} requests waiting, max_queue_size); retry later",
                 "queue_full",
@@ -190,7 +190,7 @@ class DynamicBatcher:
             return
         self._remove(request)
         waited_ms = (self._clock() - request.arrival) * 1e3
-        self._fail(request, InferenceError(
+        self._fail(request, ServiceError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"model {self._name}: request timed out after {waited_ms:.0f} ms in the queue and was not computed",
             "timeout",
@@ -290,9 +290,9 @@ class DynamicBatcher:
                 offset += request.rows
                 request.state = DONE
                 if not request.future.done():
-                    request.future.set_result(BatchResult(mine, start - request.arrival, compute_s, rows))
+                    request.future.set_result(BatchResult(mine, start - request.arrival, rows))
         except Exception as e:  # noqa: BLE001 - every request of a failed batch gets an answer
-            error = InferenceError(grpc.StatusCode.INTERNAL, f"model {self._name}: execution failed: {e}", "compute")
+            error = ServiceError(grpc.StatusCode.INTERNAL, f"model {self._name}: execution failed: {e}", "compute")
             for request in batch:
                 self._fail(request, error)
         finally:

@@ -19,24 +19,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from cxr import repository
+from cxr import datatypes, repository
 from cxr.generated.inference.model_config_pb2 import ModelConfig
+from services.common.errors import ServiceError, not_found, unavailable
 from services.inference.batcher import BatcherSettings, DynamicBatcher
 from services.inference.config import InferenceSettings
-from services.inference.errors import InferenceError, not_found, unavailable
 from services.inference.metrics import InferenceMetrics, VersionMeters
-from services.inference.runtime import SessionPool, choose_providers
-from services.inference.tensors import DATATYPES, TensorSpec, datatype_name
+from services.inference.sessions import SessionPool, choose_providers
+from services.inference.tensors import TensorSpec, datatype_name
 
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
-_ORT_TYPES = {
-    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 
 @dataclass
@@ -110,18 +104,14 @@ def _check_against_session(kind: str, specs: list[TensorSpec], node_args, max_ba
         arg = graph.get(spec.name)
         if arg is None:
             raise ValueError(f"config {kind} {spec.name!r} is not in the ONNX graph, which has {sorted(graph)}")
-        graph_type = _ORT_TYPES.get(arg.type, arg.type)
+        try:
+            graph_type = datatypes.by_onnx(arg.type).name
+        except datatypes.TensorError:
+            graph_type = arg.type
         if graph_type != spec.datatype:
             raise ValueError(f"config {kind} {spec.name!r} is {spec.datatype} but the ONNX graph has {graph_type}")
-        shape = list(arg.shape)
-        if max_batch_size > 0:
-            if not shape or isinstance(shape[0], int) and shape[0] > 0:
-                raise ValueError(f"max_batch_size is {max_batch_size} but {kind} {spec.name!r} has no dynamic "
-                                 f"batch axis in the ONNX graph (shape {shape})")
-            shape = shape[1:]
-        if len(shape) != len(spec.dims) or any(
-            isinstance(g, int) and g > 0 and d != -1 and g != d for g, d in zip(shape, spec.dims)
-        ):
+        shape = datatypes.config_dims(arg.shape, max_batch_size, f"{kind} {spec.name!r} of the ONNX graph")
+        if len(shape) != len(spec.dims) or any(g > 0 and d != -1 and g != d for g, d in zip(shape, spec.dims)):
             raise ValueError(f"config {kind} {spec.name!r} has dims {list(spec.dims)} but the ONNX graph has {shape}")
     if every:
         missing = sorted(set(graph) - {s.name for s in specs})
@@ -199,8 +189,8 @@ class ModelManager:
                 else:
                     self.models[name] = ModelEntry(name, UNAVAILABLE, reason)
                 if raise_errors:
-                    raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT, f"failed to load model {name!r}: {reason}",
-                                         "load") from None
+                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"failed to load model {name!r}: {reason}",
+                                       "load") from None
                 return self.models[name]
             for version in entry.versions.values():
                 self._attach_batcher(version)
@@ -222,7 +212,7 @@ class ModelManager:
         if not config.input or not config.output:
             raise ValueError("config.pbtxt must declare its inputs and outputs")
         for tensor in [*config.input, *config.output]:
-            if tensor.data_type not in DATATYPES:
+            if tensor.data_type not in [d.config for d in datatypes.DATATYPES if d.servable]:
                 raise ValueError(f"tensor {tensor.name!r} has unsupported data_type {tensor.data_type}")
         present = repository.list_versions(model_dir)
         served = repository.select_versions(config, present)

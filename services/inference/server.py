@@ -7,6 +7,7 @@ dynamic batcher, computed in a thread pool (the event loop stays free), and answ
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import grpc
 
 from cxr.generated.inference import grpc_service_pb2 as pb
 from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from services.common.errors import ServiceError, aborts_on_error, invalid, unavailable
 from services.common.logging import log_request, safe_request_id
 from services.common.serving import (
     Readiness,
@@ -24,15 +26,14 @@ from services.common.serving import (
     start_metrics_server,
 )
 from services.inference.config import InferenceSettings
-from services.inference.errors import InferenceError, invalid, unavailable
 from services.inference.metrics import InferenceMetrics
 from services.inference.model_manager import READY, ModelManager, ModelVersion
-from services.inference.tensors import classify, decode_inputs, decode_outputs, encode_output
+from services.inference.tensors import classify, decode_inputs, encode_output, parse_requested_outputs
 
 log = logging.getLogger("cxr.inference")
 
 SERVER_NAME = "cxr-inference"
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = importlib.metadata.version("cxr")
 # Triton's extension names for what we implement.
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "statistics"]
 UNKNOWN = "(unknown)"
@@ -64,15 +65,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         try:
             self.manager.resolve(request.name, request.version)
-        except InferenceError:
+        except ServiceError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
+    @aborts_on_error
     async def ModelMetadata(self, request, context):
-        model = await self._resolve(request.name, request.version, context)
+        model = self.manager.resolve(request.name, request.version)
         entry = self.manager.models[model.name]
         response = pb.ModelMetadataResponse(name=model.name, versions=[str(v) for v in sorted(entry.versions)],
                                             platform=model.config.platform or "onnxruntime_onnx")
@@ -82,15 +84,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.full_shape(model.max_batch_size))
         return response
 
+    @aborts_on_error
     async def ModelConfig(self, request, context):
-        model = await self._resolve(request.name, request.version, context)
+        model = self.manager.resolve(request.name, request.version)
         response = pb.ModelConfigResponse()
         response.config.CopyFrom(model.config)
         return response
 
+    @aborts_on_error
     async def ModelStatistics(self, request, context):
         if request.name:
-            await self._resolve(request.name, request.version, context)  # NOT_FOUND / UNAVAILABLE as for infer
+            self.manager.resolve(request.name, request.version)  # NOT_FOUND / UNAVAILABLE as for infer
         response = pb.ModelStatisticsResponse()
         for model in self.manager.ready_versions():
             if request.name and model.name != request.name:
@@ -120,40 +124,34 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             response.models.add(name=name, version=version, state=state, reason=reason)
         return response
 
+    @aborts_on_error
     async def RepositoryModelLoad(self, request, context):
-        await self._check_explicit(context)
-        try:
-            await self.manager.load(request.model_name)
-        except InferenceError as e:
-            await context.abort(e.code, e.message)
+        self._check_explicit()
+        await self.manager.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
+    @aborts_on_error
     async def RepositoryModelUnload(self, request, context):
-        await self._check_explicit(context)
-        try:
-            await self.manager.unload(request.model_name)
-        except InferenceError as e:
-            await context.abort(e.code, e.message)
+        self._check_explicit()
+        await self.manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _check_explicit(self, context) -> None:
+    def _check_explicit(self) -> None:
         if self.settings.model_control != "explicit":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            "model control mode is 'none': models cannot be loaded or unloaded at run time; "
-                            "start the server with --model-control explicit")
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "model control mode is 'none': models cannot be loaded or unloaded at run time; "
+                               "start the server with --model-control explicit")
 
     # ---- inference ---------------------------------------------------------------------------------------------
 
+    @aborts_on_error
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
         try:
             return await self._infer(request, context.time_remaining())
-        except InferenceError as e:
+        except ServiceError as e:
             self._log(request, e.code.name, e.reason, start)
-            await context.abort(e.code, e.message)
-        except Exception:  # a bug of ours: still one answer, and a trace in the log (no request contents)
-            log.exception("internal error in ModelInfer for model %s", request.model_name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the inference server; see its log")
+            raise
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request of the stream is answered on the stream, in completion order; a failed request answers
@@ -165,7 +163,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             start = time.perf_counter()
             try:
                 answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
-            except InferenceError as e:
+            except ServiceError as e:
                 self._log(request, e.code.name, e.reason, start)
                 answer = pb.ModelStreamInferResponse(error_message=e.message)
             except Exception:  # noqa: BLE001 - a bug of ours: answer it, keep the stream
@@ -205,7 +203,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             # No await between resolving the version and queueing in its batcher: a concurrent reload cannot
             # retire the version in between, so a request that resolved a version runs on it.
             model = self.manager.resolve(request.model_name, request.model_version)
-        except InferenceError as e:
+        except ServiceError as e:
             # Labelled "(unknown)": a client must not be able to create metric series with names of its choice.
             self.metrics.record_failure(UNKNOWN, UNKNOWN, e.reason)
             raise
@@ -215,13 +213,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         pending.inc()
         try:
             inputs, rows = decode_inputs(request, model.inputs, model.max_batch_size, model.name)
-            wanted = decode_outputs(request, model.outputs, len(model.labels), model.name)
+            wanted = parse_requested_outputs(request, model.outputs, model.name)
             timeout_us = _timeout_parameter(request)
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
             result = await model.batcher.infer(inputs, rows, {w.name for w in wanted}, deadline=deadline,
                                                timeout_us=timeout_us)
             response = self._response(request, model, wanted, result.outputs)
-        except InferenceError as e:
+        except ServiceError as e:
             self._count_failure(model, e.reason, time.perf_counter() - start)
             raise
         except asyncio.CancelledError:
@@ -254,12 +252,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _count_failure(self, model: ModelVersion, reason: str, elapsed: float) -> None:
         self.metrics.record_failure(model.name, str(model.version), reason)
         model.stats.fail.add(elapsed)
-
-    async def _resolve(self, name: str, version: str, context) -> ModelVersion:
-        try:
-            return self.manager.resolve(name, version)
-        except InferenceError as e:
-            await context.abort(e.code, e.message)
 
     def _log(self, request, code: str, reason: str | None, start: float, model: ModelVersion | None = None) -> None:
         # A name we do not serve is the client's free text: logged only after the same scrub as request ids.

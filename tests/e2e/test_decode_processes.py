@@ -15,7 +15,8 @@ from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from cxr.generated.cxr.v1 import gateway_pb2_grpc
 from cxr.imaging import load_for_model
 from cxr.repository import read_config
-from tests.gateway import corpus, processes
+from tests.cxr import corpus
+from tests.gateway import processes
 
 
 def _decoder_workers(parent: int) -> list[int]:

@@ -10,7 +10,7 @@ import pytest
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from tests.e2e.limits import GATEWAY_MAX_IMAGE_BYTES
-from tests.gateway import corpus
+from tests.cxr import corpus
 
 # damaged inputs make pydicom and PIL warn on their way to the refusal we assert: expected, not noise to show
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")

@@ -14,7 +14,7 @@ import pydicom
 import requests
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
-from tests.gateway import corpus
+from tests.cxr import corpus
 
 PLANTED = {
     "PatientName": "Zzyzxplanted^Wilhelmina^Quintessa",

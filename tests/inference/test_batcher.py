@@ -1,4 +1,5 @@
-"""The dynamic batcher's hard cases, on a real onnxruntime session of a model our training exported.
+"""The dynamic batcher's hard cases, on a real onnxruntime session of the toy classifier (tests/toy_model.py:
+the model our training exports in miniature; no torch, no data).
 
 The batcher is driven directly (in-process): these tests need to see exactly which rows went into which batch.
 A `gate` holds the model's single instance busy where a test needs requests to pile up in the queue.
@@ -15,8 +16,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from services.common.errors import ServiceError
 from services.inference.batcher import BatcherSettings, DynamicBatcher
-from services.inference.errors import InferenceError
+from tests import toy_model
 
 OUTPUTS = ["probabilities", "logits", "cam"]
 
@@ -46,26 +48,32 @@ class RecordingModel:
 
 
 @pytest.fixture
-def model(served_repository):
-    return RecordingModel(served_repository / "custom_cnn" / "1" / "model.onnx")
+def model(toy_onnx):
+    return RecordingModel(toy_onnx)
+
+
+@pytest.fixture
+def images():
+    """Six different images as the model takes them: uint8 [6, 1, 16, 16]."""
+    return toy_model.images(6)
 
 
 def make(model, **settings) -> DynamicBatcher:
-    return DynamicBatcher(model.run, BatcherSettings(**{"max_batch_size": 8, **settings}), name="custom_cnn:1")
+    return DynamicBatcher(model.run, BatcherSettings(**{"max_batch_size": 8, **settings}), name="toy:1")
 
 
-def rows(radiographs, *indices):
-    return radiographs[list(indices)]
+def rows(images, *indices):
+    return images[list(indices)]
 
 
-def test_timer_runs_from_the_first_requests_arrival(model, radiographs):
+def test_timer_runs_from_the_first_requests_arrival(model, images):
     """A request arriving 0.25 s after the first joins its batch, which leaves 0.5 s after the *first* arrival
     (a timer restarted by the second arrival, MLServer's old bug, would hold the first request 0.75 s)."""
     async def scenario():
         batcher = make(model, max_queue_delay_us=500_000)
-        first = asyncio.create_task(batcher.infer({"image": rows(radiographs, 0)}, 1, ["probabilities"]))
+        first = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["probabilities"]))
         await asyncio.sleep(0.25)
-        second = asyncio.create_task(batcher.infer({"image": rows(radiographs, 1)}, 1, ["probabilities"]))
+        second = asyncio.create_task(batcher.infer({"image": rows(images, 1)}, 1, ["probabilities"]))
         a, b = await asyncio.gather(first, second)
         await batcher.close()
         return a, b
@@ -77,15 +85,15 @@ def test_timer_runs_from_the_first_requests_arrival(model, radiographs):
     assert b.queue_s < a.queue_s - 0.15
 
 
-def test_time_spent_waiting_for_a_busy_instance_counts_toward_the_delay(model, radiographs):
+def test_time_spent_waiting_for_a_busy_instance_counts_toward_the_delay(model, images):
     """A request that already waited longer than the delay while the instance was busy runs as soon as the
     instance is free; it does not start a fresh delay then."""
     async def scenario():
         batcher = make(model, max_queue_delay_us=300_000)
         model.gate = threading.Event()
-        busy = asyncio.create_task(batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"]))
+        busy = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["logits"]))
         await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 10)
-        waiting = asyncio.create_task(batcher.infer({"image": rows(radiographs, 1)}, 1, ["logits"]))
+        waiting = asyncio.create_task(batcher.infer({"image": rows(images, 1)}, 1, ["logits"]))
         await asyncio.sleep(0.45)
         model.gate.set()
         result = await waiting
@@ -98,14 +106,14 @@ def test_time_spent_waiting_for_a_busy_instance_counts_toward_the_delay(model, r
     assert 0.4 <= result.queue_s < 0.65, f"waited {result.queue_s:.3f} s: 0.45 s busy + a fresh 0.3 s delay is a bug"
 
 
-def test_mixed_batch_sizes_are_split_back_to_the_right_callers(model, radiographs):
+def test_mixed_batch_sizes_are_split_back_to_the_right_callers(model, images):
     """Requests of 1, 3 and 2 rows, each asking for different outputs, run as one batch of 6; every caller
     gets exactly its own rows (equal to running its images alone) and only the outputs it asked for."""
     asks = [((0,), ["probabilities"]), ((1, 2, 3), ["cam", "logits"]), ((4, 5), ["logits"])]
 
     async def scenario():
         batcher = make(model, max_queue_delay_us=300_000)
-        tasks = [batcher.infer({"image": rows(radiographs, *idx)}, len(idx), outs) for idx, outs in asks]
+        tasks = [batcher.infer({"image": rows(images, *idx)}, len(idx), outs) for idx, outs in asks]
         results = await asyncio.gather(*tasks)
         await batcher.close()
         return results
@@ -114,7 +122,7 @@ def test_mixed_batch_sizes_are_split_back_to_the_right_callers(model, radiograph
     assert model.batches == [6]
     for (idx, outs), result in zip(asks, results):
         assert sorted(result.outputs) == sorted(outs)
-        alone = model.direct(rows(radiographs, *idx))
+        alone = model.direct(rows(images, *idx))
         for name in outs:
             assert result.outputs[name].shape[0] == len(idx)
             np.testing.assert_allclose(result.outputs[name], alone[name], rtol=1e-4, atol=1e-5)
@@ -122,13 +130,13 @@ def test_mixed_batch_sizes_are_split_back_to_the_right_callers(model, radiograph
     assert not np.allclose(results[0].outputs["probabilities"][0], results[2].outputs["logits"][0])
 
 
-def test_requests_pile_up_while_the_instance_is_busy_and_respect_max_batch_size(model, radiographs):
+def test_requests_pile_up_while_the_instance_is_busy_and_respect_max_batch_size(model, images):
     async def scenario():
         batcher = make(model, max_batch_size=4, max_queue_delay_us=0)
         model.gate = threading.Event()
-        busy = asyncio.create_task(batcher.infer({"image": rows(radiographs, 0)}, 1, ["probabilities"]))
+        busy = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["probabilities"]))
         await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 10)
-        waiting = [asyncio.create_task(batcher.infer({"image": rows(radiographs, i % 6)}, 1, ["probabilities"]))
+        waiting = [asyncio.create_task(batcher.infer({"image": rows(images, i % 6)}, 1, ["probabilities"]))
                    for i in range(6)]
         await asyncio.sleep(0.1)
         model.gate.set()
@@ -139,15 +147,15 @@ def test_requests_pile_up_while_the_instance_is_busy_and_respect_max_batch_size(
     results = asyncio.run(scenario())
     assert model.batches == [1, 4, 2]
     for i, result in enumerate(results[1:]):
-        alone = model.direct(rows(radiographs, i % 6))
+        alone = model.direct(rows(images, i % 6))
         np.testing.assert_allclose(result.outputs["probabilities"], alone["probabilities"], rtol=1e-4, atol=1e-5)
 
 
-def test_a_preferred_batch_size_runs_at_once_without_waiting_for_the_delay(model, radiographs):
+def test_a_preferred_batch_size_runs_at_once_without_waiting_for_the_delay(model, images):
     async def scenario():
         batcher = make(model, preferred_batch_sizes=(3,), max_queue_delay_us=20_000_000)
         start = time.monotonic()
-        results = await asyncio.gather(*(batcher.infer({"image": rows(radiographs, i)}, 1, ["logits"])
+        results = await asyncio.gather(*(batcher.infer({"image": rows(images, i)}, 1, ["logits"])
                                          for i in range(3)))
         elapsed = time.monotonic() - start
         await batcher.close()
@@ -158,14 +166,14 @@ def test_a_preferred_batch_size_runs_at_once_without_waiting_for_the_delay(model
     assert elapsed < 10, "a preferred batch must not wait for the 20 s queue delay"
 
 
-def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(model, radiographs):
+def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(model, images):
     async def scenario():
         batcher = make(model, max_queue_delay_us=600_000)
         loop_deadline = time.monotonic() + 0.1
-        short = asyncio.create_task(batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"],
+        short = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["logits"],
                                                   deadline=loop_deadline))
-        patient = asyncio.create_task(batcher.infer({"image": rows(radiographs, 1, 2)}, 2, ["logits"]))
-        with pytest.raises(InferenceError) as error:
+        patient = asyncio.create_task(batcher.infer({"image": rows(images, 1, 2)}, 2, ["logits"]))
+        with pytest.raises(ServiceError) as error:
             await short
         result = await patient
         await batcher.close()
@@ -175,44 +183,44 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(
     assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "not computed" in error.message
     assert model.batches == [2], "the expired request's row must not be computed"
-    np.testing.assert_array_equal(model.inputs_seen[0], rows(radiographs, 1, 2))
+    np.testing.assert_array_equal(model.inputs_seen[0], rows(images, 1, 2))
     assert result.outputs["logits"].shape == (2, 3)
 
 
-def test_queue_policy_timeout_and_its_override(model, radiographs):
+def test_queue_policy_timeout_and_its_override(model, images):
     """default_timeout_microseconds drops a queued request; with allow_timeout_override a request's own shorter
     timeout wins; without it the request's timeout is ignored."""
     async def scenario(allow):
         batcher = make(model, max_queue_delay_us=400_000, default_timeout_us=5_000_000, allow_timeout_override=allow)
         outcome = await asyncio.gather(
-            batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"], timeout_us=100_000),
+            batcher.infer({"image": rows(images, 0)}, 1, ["logits"], timeout_us=100_000),
             return_exceptions=True)
         await batcher.close()
         return outcome[0]
 
     overridden = asyncio.run(scenario(True))
-    assert isinstance(overridden, InferenceError) and overridden.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(overridden, ServiceError) and overridden.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert model.batches == []
     kept = asyncio.run(scenario(False))
     assert not isinstance(kept, Exception) and kept.outputs["logits"].shape == (1, 3)
 
     async def default_only():
         batcher = make(model, max_queue_delay_us=400_000, default_timeout_us=100_000)
-        outcome = await asyncio.gather(batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"]),
+        outcome = await asyncio.gather(batcher.infer({"image": rows(images, 0)}, 1, ["logits"]),
                                        return_exceptions=True)
         await batcher.close()
         return outcome[0]
 
     dropped = asyncio.run(default_only())
-    assert isinstance(dropped, InferenceError) and dropped.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert isinstance(dropped, ServiceError) and dropped.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert model.batches == [1]
 
 
-def test_a_cancelled_request_costs_nothing_and_harms_no_other(model, radiographs):
+def test_a_cancelled_request_costs_nothing_and_harms_no_other(model, images):
     async def scenario():
         batcher = make(model, max_queue_delay_us=300_000)
-        cancelled = asyncio.create_task(batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"]))
-        kept = asyncio.create_task(batcher.infer({"image": rows(radiographs, 3, 4)}, 2, ["logits"]))
+        cancelled = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["logits"]))
+        kept = asyncio.create_task(batcher.infer({"image": rows(images, 3, 4)}, 2, ["logits"]))
         await asyncio.sleep(0.05)
         cancelled.cancel()
         result = await kept
@@ -223,22 +231,22 @@ def test_a_cancelled_request_costs_nothing_and_harms_no_other(model, radiographs
     cancelled, result, pending_after = asyncio.run(scenario())
     assert cancelled.cancelled()
     assert model.batches == [2], "the cancelled request's row must not be computed"
-    np.testing.assert_allclose(result.outputs["logits"], model.direct(rows(radiographs, 3, 4))["logits"],
+    np.testing.assert_allclose(result.outputs["logits"], model.direct(rows(images, 3, 4))["logits"],
                                rtol=1e-4, atol=1e-5)
     assert pending_after == 0
 
 
-def test_a_full_queue_refuses_at_once_and_the_queued_requests_still_succeed(model, radiographs):
+def test_a_full_queue_refuses_at_once_and_the_queued_requests_still_succeed(model, images):
     async def scenario():
         batcher = make(model, max_batch_size=1, max_queue_size=2, max_queue_delay_us=0)
         model.gate = threading.Event()
-        running = asyncio.create_task(batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"]))
+        running = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["logits"]))
         await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 10)
-        queued = [asyncio.create_task(batcher.infer({"image": rows(radiographs, i)}, 1, ["logits"])) for i in (1, 2)]
+        queued = [asyncio.create_task(batcher.infer({"image": rows(images, i)}, 1, ["logits"])) for i in (1, 2)]
         await asyncio.sleep(0.05)
         start = time.monotonic()
-        with pytest.raises(InferenceError) as refused:
-            await batcher.infer({"image": rows(radiographs, 3)}, 1, ["logits"])
+        with pytest.raises(ServiceError) as refused:
+            await batcher.infer({"image": rows(images, 3)}, 1, ["logits"])
         refused_after = time.monotonic() - start
         model.gate.set()
         results = await asyncio.gather(running, *queued)
@@ -251,30 +259,30 @@ def test_a_full_queue_refuses_at_once_and_the_queued_requests_still_succeed(mode
     assert len(results) == 3 and model.batches == [1, 1, 1]
 
 
-def test_a_failing_batch_answers_every_request_and_the_batcher_goes_on(model, radiographs):
+def test_a_failing_batch_answers_every_request_and_the_batcher_goes_on(model, images):
     async def scenario():
         batcher = make(model, max_queue_delay_us=100_000)
         bad = {"image": np.zeros((1, 1, 8, 8), np.uint8)}  # wrong size: onnxruntime itself fails
         outcomes = await asyncio.gather(batcher.infer(bad, 1, ["logits"]),
                                         return_exceptions=True)
-        good = await batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"])
+        good = await batcher.infer({"image": rows(images, 0)}, 1, ["logits"])
         await batcher.close()
         return outcomes[0], good
 
     failed, good = asyncio.run(scenario())
-    assert isinstance(failed, InferenceError) and failed.code == grpc.StatusCode.INTERNAL
+    assert isinstance(failed, ServiceError) and failed.code == grpc.StatusCode.INTERNAL
     assert good.outputs["logits"].shape == (1, 3)
 
 
-def test_close_lets_queued_requests_finish_and_then_refuses(model, radiographs):
+def test_close_lets_queued_requests_finish_and_then_refuses(model, images):
     async def scenario():
         batcher = make(model, max_queue_delay_us=200_000)
-        queued = [asyncio.create_task(batcher.infer({"image": rows(radiographs, i)}, 1, ["logits"])) for i in range(3)]
+        queued = [asyncio.create_task(batcher.infer({"image": rows(images, i)}, 1, ["logits"])) for i in range(3)]
         await asyncio.sleep(0.01)
         await batcher.close(timeout=10)
         results = await asyncio.gather(*queued)
-        with pytest.raises(InferenceError) as refused:
-            await batcher.infer({"image": rows(radiographs, 0)}, 1, ["logits"])
+        with pytest.raises(ServiceError) as refused:
+            await batcher.infer({"image": rows(images, 0)}, 1, ["logits"])
         return results, refused.value
 
     results, refused = asyncio.run(scenario())

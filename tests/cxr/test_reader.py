@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cxr.imaging import DEFAULT_IMAGE_SIZE, ImageError, ImageLimits, load_for_model, read_image, read_image_file, resize_for_model
-from tests.gateway import corpus
+from tests.cxr import corpus
 
 # damaged inputs make pydicom and PIL warn on their way to the refusal we assert: expected, not noise to show
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")

@@ -1,5 +1,6 @@
-"""cxr.repository: the one reader and writer of the Triton model repository layout, on ONNX files our training
-exported."""
+"""cxr.repository: the one reader and writer of the Triton model repository layout, on two toy classifiers
+(tests/toy_model.py: the shape of what our training exports, no torch). Training's own export into it is tested in
+tests/training/test_train_export.py."""
 
 from __future__ import annotations
 
@@ -10,21 +11,24 @@ import pytest
 
 from cxr import repository
 from cxr.generated.inference.model_config_pb2 import DataType, ModelConfig
+from tests import toy_model
 
-CLASSES = ["Normal", "Lung_Opacity", "Viral Pneumonia"]
+CLASSES = toy_model.CLASSES
 
 
-@pytest.fixture
-def onnx_files(trained_repository):
-    return {name: trained_repository / name / "1" / "model.onnx" for name in ("custom_cnn", "mobilenet")}
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    return {name: toy_model.build(folder / f"{name}.onnx", seed=seed)
+            for name, seed in (("custom_cnn", 0), ("mobilenet", 1))}
 
 
 def test_write_model_adds_versions_with_config_labels_and_card(onnx_files, tmp_path):
     repo = tmp_path / "repo"
     card = {"architecture": "custom_cnn", "metrics": {"accuracy": 0.5}, "data_source": "cxr-raw"}
-    v1 = repository.write_model(repo, "cnn", onnx_files["custom_cnn"], classes=CLASSES, image_size=64,
+    v1 = repository.write_model(repo, "cnn", onnx_files["custom_cnn"], classes=CLASSES, image_size=16,
                                 model_card=card, parameters={"cxr.architecture": "custom_cnn"})
-    v2 = repository.write_model(repo, "cnn", onnx_files["mobilenet"], classes=CLASSES, image_size=64, model_card=card)
+    v2 = repository.write_model(repo, "cnn", onnx_files["mobilenet"], classes=CLASSES, image_size=16, model_card=card)
     assert (v1, v2) == (repo / "cnn" / "1", repo / "cnn" / "2")
     assert repository.list_versions(repo / "cnn") == [1, 2] and repository.next_version(repo / "cnn") == 3
     assert repository.list_models(repo) == ["cnn"]
@@ -40,42 +44,42 @@ def test_write_model_adds_versions_with_config_labels_and_card(onnx_files, tmp_p
     config = repository.read_config(repo / "cnn")
     assert (config.name, config.platform, config.max_batch_size) == ("cnn", "onnxruntime_onnx", 32)
     (image,) = config.input
-    assert (image.name, image.data_type, list(image.dims)) == ("image", DataType.TYPE_UINT8, [1, 64, 64])
+    assert (image.name, image.data_type, list(image.dims)) == ("image", DataType.TYPE_UINT8, [1, 16, 16])
     outputs = {o.name: (o.data_type, list(o.dims), o.label_filename) for o in config.output}
     assert outputs == {"probabilities": (DataType.TYPE_FP32, [3], "labels.txt"),
                        "logits": (DataType.TYPE_FP32, [3], "labels.txt"),
                        "cam": (DataType.TYPE_FP32, [3, 2, 2], "")}
     assert config.HasField("dynamic_batching") and config.dynamic_batching.default_queue_policy.max_queue_size > 0
     assert config.parameters["cxr.classes"].string_value == ",".join(CLASSES)
-    assert config.parameters["cxr.image_size"].string_value == "64"
+    assert config.parameters["cxr.image_size"].string_value == "16"
     assert config.parameters["cxr.architecture"].string_value == "custom_cnn"
 
 
 def test_an_operators_config_edits_survive_new_versions(onnx_files, tmp_path):
     repo = tmp_path / "repo"
-    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=64, model_card={})
+    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card={})
     config = repository.read_config(repo / "m")
     config.dynamic_batching.max_queue_delay_microseconds = 1234
     config.version_policy.all.SetInParent()
     repository.write_config(repo / "m", config)
-    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=64, model_card={})
+    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card={})
     again = repository.read_config(repo / "m")
     assert again.dynamic_batching.max_queue_delay_microseconds == 1234 and again.version_policy.HasField("all")
 
 
 def test_write_model_refuses_what_would_corrupt_the_repository(onnx_files, tmp_path):
     repo = tmp_path / "repo"
-    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=64, model_card={})
+    repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card={})
     with pytest.raises(repository.RepositoryError, match="already exists"):
-        repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=64, model_card={},
+        repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card={},
                                version=1)
     with pytest.raises(repository.RepositoryError, match="share its classes"):
-        repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=["a", "b", "c"], image_size=64,
+        repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=["a", "b", "c"], image_size=16,
                                model_card={})
     with pytest.raises(repository.RepositoryError, match="not found"):
-        repository.write_model(repo, "m", tmp_path / "missing.onnx", classes=CLASSES, image_size=64, model_card={})
+        repository.write_model(repo, "m", tmp_path / "missing.onnx", classes=CLASSES, image_size=16, model_card={})
     with pytest.raises(repository.RepositoryError, match="invalid model name"):
-        repository.write_model(repo, "../escape", onnx_files["custom_cnn"], classes=CLASSES, image_size=64,
+        repository.write_model(repo, "../escape", onnx_files["custom_cnn"], classes=CLASSES, image_size=16,
                                model_card={})
     assert repository.list_versions(repo / "m") == [1]
 
@@ -109,3 +113,16 @@ def test_version_listing_and_policies(tmp_path):
     config.version_policy.specific.versions.extend([1, 7])
     assert repository.select_versions(config, [1, 3, 10]) == [1]
     assert repository.select_versions(ModelConfig(), []) == []
+
+
+def test_a_graph_without_a_dynamic_batch_axis_is_refused_when_batching(tmp_path):
+    import onnx
+
+    path = toy_model.build(tmp_path / "toy.onnx")
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # a fixed batch of one
+    onnx.save(model, str(path))
+    with pytest.raises(repository.RepositoryError, match="dynamic first"):
+        repository.write_model(tmp_path / "repo", "fixed", path, classes=CLASSES, image_size=16, model_card={})
+    config = repository.default_config("fixed", path, max_batch_size=0)
+    assert list(config.input[0].dims) == [1, 1, 16, 16], "without batching the dims are the whole shape"
