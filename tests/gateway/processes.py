@@ -19,6 +19,8 @@ Service = ServiceProcess  # what the tests call a running child
 
 
 def free_port() -> int:
+    """A port nothing listens on now, for a test about an absent listener (a dead upstream). A service of ours
+    takes `--port 0` instead and reports the port it bound in its port file: no race with other processes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -32,7 +34,7 @@ def start(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None 
 def start_inference(repository: Path, workdir: Path, port: int = 0, extra: list[str] | None = None, metrics_port: int | None = None) -> Service:
     service = start(
         "inference",
-        ["--repository", str(repository), "--port", str(port), "--metrics-port", str(metrics_port or free_port()), "--host", "127.0.0.1",
+        ["--repository", str(repository), "--port", str(port), "--metrics-port", str(metrics_port or 0), "--host", "127.0.0.1",
          "--intra-op-threads", "1", "--grace-period", "2", *(extra or [])],
         workdir,
     )
@@ -43,7 +45,7 @@ def start_inference(repository: Path, workdir: Path, port: int = 0, extra: list[
 def start_gateway(inference: str, workdir: Path, extra: list[str] | None = None, env: dict[str, str] | None = None) -> Service:
     return start(
         "gateway",
-        ["--inference", inference, "--port", "0", "--metrics-port", str(free_port()), "--host", "127.0.0.1", *(extra or [])],
+        ["--inference", inference, "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1", *(extra or [])],
         workdir, env=env,
     )
 
