@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup run test test-fast test-docker proto bench clean
+.PHONY: setup run test lint test-fast test-docker proto bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,8 +24,12 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m cxr demo-stack
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest tests
+
+## ruff, configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow and not docker"

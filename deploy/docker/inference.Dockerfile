@@ -27,9 +27,13 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
 
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes, not on every code change.
 # sympy (80 MB) comes with onnxruntime-gpu for its offline shape-inference tools only; serving never imports it.
-COPY pyproject.toml deploy/docker/requirements.py /tmp/build/
-RUN python /tmp/build/requirements.py inference /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
- && pip install -r /tmp/build/requirements.txt "setuptools>=68" wheel \
+# pyproject.toml alone makes an empty project whose install brings the base dependencies and the [inference] extra;
+# the empty project itself is uninstalled again, and the real one is installed below, without dependencies.
+COPY pyproject.toml /tmp/build/
+RUN touch /tmp/build/README.md \
+ && pip install "setuptools>=68" wheel \
+ && pip install --no-build-isolation "/tmp/build[inference]" \
+ && pip uninstall -y cxr \
  && pip uninstall -y sympy mpmath \
  && rm -rf /tmp/build
 

@@ -22,9 +22,13 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Dependencies (torch included) first, in their own layer: several GB, rebuilt only when pyproject.toml changes.
-COPY pyproject.toml deploy/docker/requirements.py /tmp/build/
-RUN python /tmp/build/requirements.py trainer /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
- && pip install -r /tmp/build/requirements.txt "setuptools>=68" wheel \
+# pyproject.toml alone makes an empty project whose install brings the base dependencies and the [train] extra;
+# the empty project itself is uninstalled again, and the real one is installed below, without dependencies.
+COPY pyproject.toml /tmp/build/
+RUN touch /tmp/build/README.md \
+ && pip install "setuptools>=68" wheel \
+ && pip install --no-build-isolation "/tmp/build[train]" \
+ && pip uninstall -y cxr \
  && rm -rf /tmp/build
 
 COPY pyproject.toml README.md /tmp/src/

@@ -112,7 +112,7 @@ def run_service(serve: Callable[..., Awaitable[None]], settings: BaseSettings, p
             def write_ports(future: asyncio.Future) -> None:
                 if not future.cancelled() and future.exception() is None:
                     tmp = Path(port_file + ".tmp")
-                    tmp.write_text("%d %d\n" % future.result())
+                    tmp.write_text("{} {}\n".format(*future.result()))
                     tmp.replace(port_file)
 
             started.add_done_callback(write_ports)

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from cxr import datatypes
 from cxr.generated.inference import grpc_service_pb2 as pb
 from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from cxr import datatypes
 from services.common.errors import ServiceError
 from services.common.security import bearer_metadata, channel_credentials
 from services.gateway.config import GatewaySettings

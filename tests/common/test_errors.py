@@ -9,7 +9,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.errors import HTTP_STATUS, ServiceError, aborts_on_error, exhausted, invalid, not_found, unavailable
+from services.common.errors import (
+    HTTP_STATUS,
+    ServiceError,
+    aborts_on_error,
+    exhausted,
+    invalid,
+    not_found,
+    unavailable,
+)
 
 
 class Scripted(health_pb2_grpc.HealthServicer):

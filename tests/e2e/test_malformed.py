@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
-from tests.e2e.limits import GATEWAY_MAX_IMAGE_BYTES
 from tests.cxr import corpus
+from tests.e2e.limits import GATEWAY_MAX_IMAGE_BYTES
 
 # damaged inputs make pydicom and PIL warn on their way to the refusal we assert: expected, not noise to show
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
@@ -75,7 +75,7 @@ def test_messages_name_the_reason(gateway_stub, dicom_dir: Path, cxr_raw_dir: Pa
 def test_damaged_files_never_get_an_internal_error(gateway_stub, gateway_service, dicom_dir: Path, cxr_raw_dir: Path):
     files = sorted(dicom_dir.rglob("*.dcm")) + sorted((cxr_raw_dir / "Normal").glob("*.png"))[:1]
     codes: dict[str, int] = {}
-    for name, data in corpus.mutations(files, per_file=6, seed=7):
+    for _name, data in corpus.mutations(files, per_file=6, seed=7):
         try:
             gateway_stub.Classify(pb.ClassifyRequest(image=data), timeout=60)
             code = "OK"

@@ -14,7 +14,6 @@ import grpc
 
 from cxr.processes import ServiceProcess, start_service
 
-
 Service = ServiceProcess  # what the tests call a running child
 
 
