@@ -67,26 +67,24 @@ _BY_ONNX = {d.onnx: d for d in DATATYPES}
 
 def by_name(name: str) -> Datatype:
     """The datatype of a KServe v2 name ("FP32")."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise TensorError(f"unknown datatype {name or '(empty)'!r}; known: {sorted(_BY_NAME)}") from None
+    return _look_up(_BY_NAME, name, f"unknown datatype {name or '(empty)'!r}; known: {sorted(_BY_NAME)}")
 
 
 def by_config(data_type: int) -> Datatype:
     """The datatype of a config.pbtxt DataType value (TYPE_FP32)."""
-    try:
-        return _BY_CONFIG[data_type]
-    except KeyError:
-        raise TensorError(f"unsupported config data_type {data_type}") from None
+    return _look_up(_BY_CONFIG, data_type, f"unsupported config data_type {data_type}")
 
 
 def by_onnx(ort_type: str) -> Datatype:
     """The datatype of an onnxruntime type string ("tensor(float)")."""
-    try:
-        return _BY_ONNX[ort_type]
-    except KeyError:
-        raise TensorError(f"unsupported ONNX tensor type {ort_type}") from None
+    return _look_up(_BY_ONNX, ort_type, f"unsupported ONNX tensor type {ort_type}")
+
+
+def _look_up(table: dict, key, message: str) -> Datatype:
+    found = table.get(key)
+    if found is None:
+        raise TensorError(message)
+    return found
 
 
 def format_shape(shape: Sequence) -> str:

@@ -77,31 +77,31 @@ def aborts_on_error(method):
     """Decorate an async servicer method (unary, or an async generator for streams): a `ServiceError` aborts the
     call with its code and message; any other exception is a bug of ours, logged with its trace and answered
     INTERNAL (the message never quotes the request). Aborts the method made itself pass through unchanged."""
-    internal = "internal error in the server; see its log"
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
                 async for answer in method(self, request, context):
                     yield answer
-            except ServiceError as e:
-                await context.abort(e.code, e.message)
             except grpc.aio.AbortError:
                 raise
-            except Exception:
-                log.exception("internal error in %s", method.__qualname__)
-                await context.abort(grpc.StatusCode.INTERNAL, internal)
+            except Exception as e:
+                await _abort(context, e, method)
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
         try:
             return await method(self, request, context)
-        except ServiceError as e:
-            await context.abort(e.code, e.message)
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            log.exception("internal error in %s", method.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, internal)
+        except Exception as e:
+            await _abort(context, e, method)
     return unary
+
+
+async def _abort(context, error: Exception, method) -> None:
+    if isinstance(error, ServiceError):
+        await context.abort(error.code, error.message)
+    log.error("internal error in %s", method.__qualname__, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error in the server; see its log")
