@@ -33,6 +33,8 @@ FLAGS = {
     "--upstream-key": ("upstream_key", Path),
     "--model-repository": ("model_repository", Path),
     "--log-level": ("log_level", str),
+    "--shutdown-grace": ("shutdown_grace_s", float),
+    "--drain-delay": ("drain_delay_s", float),
 }
 
 

@@ -73,4 +73,6 @@ class GatewaySettings(BaseSettings):
     log_level: str = "INFO"
     """Log level of the JSON-lines log on stderr."""
     shutdown_grace_s: float = 5.0
-    """Seconds in-flight calls get to finish on SIGTERM."""
+    """Seconds in-flight calls get to finish on SIGTERM (after the drain delay)."""
+    drain_delay_s: float = 0.0
+    """On SIGTERM: seconds to keep answering with readiness false before draining, so load balancers notice."""
