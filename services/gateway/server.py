@@ -355,7 +355,7 @@ class Gateway:
         limit = settings.max_image_bytes + 64 * 1024  # the image plus the request's other fields
         # our own grpc.aio.server (not serving.create_server): the token interceptor must be installed at creation
         self.server = grpc.aio.server(
-            interceptors=[TokenAuthInterceptor(tokens)] if tokens else [],
+            interceptors=[TokenAuthInterceptor(tokens, on_refused=lambda m: self.metrics.auth_refused.labels(m).inc())] if tokens else [],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -13,6 +13,8 @@ _FLAGS = {
     "intra_op_threads": "intra_op_threads", "inter_op_threads": "inter_op_threads",
     "graph_optimization": "graph_optimization", "compute_threads": "compute_threads",
     "grace_period": "grace_period_s", "drain_delay": "drain_delay_s", "log_level": "log_level",
+    "tls_cert": "tls_cert", "tls_key": "tls_key", "tls_client_ca": "tls_client_ca",
+    "auth_token_file": "auth_token_file", "auth_scope": "auth_scope",
 }
 
 
@@ -42,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the warm-up run before a model is reported ready")
     parser.add_argument("--port-file", help="write 'GRPC_PORT METRICS_PORT' here once ready (for tests and scripts)")
     parser.add_argument("--log-level", help="logging level (default INFO)")
+    parser.add_argument("--tls-cert", help=doc("tls_cert"))
+    parser.add_argument("--tls-key", help=doc("tls_key"))
+    parser.add_argument("--tls-client-ca", help=doc("tls_client_ca"))
+    parser.add_argument("--auth-token-file", help=doc("auth_token_file") + " (tokens themselves: CXR_INFERENCE_AUTH_TOKENS)")
+    parser.add_argument("--auth-scope", choices=["all", "control"], help=doc("auth_scope"))
 
 
 def settings_from_args(args: argparse.Namespace) -> InferenceSettings:

@@ -27,6 +27,7 @@ from services.common.serving import (
 from services.inference.config import InferenceSettings
 from services.inference.errors import InferenceError, invalid, unavailable
 from services.inference.metrics import InferenceMetrics
+from services.inference.security import add_port, auth_interceptors, describe_security
 from services.inference.model_manager import READY, ModelManager, ModelVersion
 from services.inference.tensors import classify, decode_inputs, decode_outputs, encode_output
 
@@ -296,13 +297,18 @@ async def serve(settings: InferenceSettings, *, started: asyncio.Future | None =
     # onnxruntime releases the GIL while it computes; the batcher bounds concurrent runs per model by its instances.
     compute = ThreadPoolExecutor(max_workers=settings.compute_threads or 4, thread_name_prefix="onnxruntime")
     manager = ModelManager(settings, metrics, compute)
-    server = create_server(settings.max_message_bytes)
+    interceptors = auth_interceptors(settings, metrics)
+    # create_server has no interceptors yet (issue 9 gives it them): with token auth the server is made here
+    server = create_server(settings.max_message_bytes) if not interceptors else grpc.aio.server(
+        interceptors=interceptors, options=[("grpc.max_receive_message_length", settings.max_message_bytes),
+                                            ("grpc.max_send_message_length", settings.max_message_bytes),
+                                            ("grpc.so_reuseport", 0)])
     lifecycle = add_health_and_reflection(server, [SERVICE_NAME])
     await lifecycle.publish()
     service = InferenceService(settings, manager, metrics, lifecycle)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        port = add_port(server, settings)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -313,8 +319,9 @@ async def serve(settings: InferenceSettings, *, started: asyncio.Future | None =
         raise SystemExit(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {e} "
                          "(--metrics-port / CXR_INFERENCE_METRICS_PORT)") from None
     await server.start()  # live at once (ServerLive), ready only once the models are loaded and warmed up
-    log.info("listening on %s:%d (metrics on %s); loading models from %s", settings.host, port,
-             metrics_port if metrics_port >= 0 else "off", settings.repository)
+    log.info("listening on %s:%d (metrics on %s; %s); loading models from %s", settings.host, port,
+             metrics_port if metrics_port >= 0 else "off", describe_security(settings, bool(interceptors)),
+             settings.repository)
     await manager.start()
     log.info("ready: %s", ", ".join(f"{n}:{v} {s}" + (f" ({r})" if r else "") for n, v, s, r in manager.index()))
     await lifecycle.to(SERVING)
