@@ -45,7 +45,7 @@ class GatewaySettings(BaseSettings):
     readiness_interval_s: float = 1.0
     """How often the gateway checks the inference service's readiness."""
     lb_policy: str = "round_robin"
-    """gRPC load-balancing policy over the upstream's addresses (round_robin: per call, across inference pods)."""
+    """gRPC load-balancing policy for a target the gateway does not resolve itself (unix:, xds:); others get one channel per address."""
     upstream_tls: bool = False
     """Use TLS to the inference service."""
     upstream_ca: Path | None = None

@@ -118,11 +118,6 @@ class ReplicaSet:
         """Some replica's last readiness check said ready."""
         return any(r.state == READY for r in self.replicas.values())
 
-    @property
-    def all_hung(self) -> bool:
-        """Every replica known is hung (none answers at all): calls fail fast instead of waiting."""
-        return bool(self.replicas) and all(r.state == HUNG for r in self.replicas.values())
-
     async def refresh(self) -> None:
         if isinstance(self._parsed, tuple):
             await self._resolve(*self._parsed)
