@@ -181,7 +181,8 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.metrics.in_flight.inc()
         try:
             if not self.lifecycle.admitting:
-                raise ClassifyError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down: retry on another replica", "shutting_down")
+                starting = self.lifecycle.state == "starting"
+                raise ClassifyError(grpc.StatusCode.UNAVAILABLE, f"the gateway is {'starting' if starting else 'shutting down'}: retry on another replica", "starting" if starting else "shutting_down")
             if self._in_flight > self.settings.max_in_flight:
                 raise ClassifyError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is busy ({self.settings.max_in_flight} requests in progress): retry later", "busy")
             with self.lifecycle.track():

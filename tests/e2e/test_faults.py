@@ -5,6 +5,7 @@ the few waits are bounded only so a broken build fails instead of hanging."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -48,6 +49,11 @@ def _wait(predicate, what: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.05)
     pytest.fail(f"never {what} within {timeout:.0f} s")
+
+
+def _report(test: str, load: ClassifyLoad, **counts) -> None:
+    """The figures behind the assertions, for the README and closing notes (`pytest -s` shows them)."""
+    print(f"\n[faults] {test}: codes {dict(load.codes())}, integrity {load.integrity()}, {counts}")
 
 
 def _gateway_log_codes(gateway: processes.Service) -> dict[str, int]:
@@ -97,6 +103,7 @@ def test_inference_drain_delay_keeps_answering(trained_repository: Path, image: 
         load.stop()
         assert set(load.codes()) <= {"OK", "UNAVAILABLE"}  # after the delay: refused, so clients retry elsewhere
         assert load.integrity()["lost"] == 0
+        _report("inference SIGTERM, drain delay 8 s", load, during_delay=after - during, direct_ok=len(direct))
     finally:
         load.stop()
         inference.kill()
@@ -130,6 +137,7 @@ def test_two_replicas_one_draining_loses_nothing(trained_repository: Path, image
         assert load.integrity() == {**load.integrity(), "lost": 0, "duplicated": 0, "mismatched": 0}
         assert health and NOT_SERVING not in health, "the gateway never leaves service while one replica is ready"
         assert '"code":"OK"' in staying.log_text() and '"code":"OK"' in draining.log_text()
+        _report("two replicas, one draining", load, health_checks=len(health), not_serving=health.count(NOT_SERVING))
     finally:
         load.stop()
         for service in (gateway, draining, staying):
@@ -168,6 +176,7 @@ def test_gateway_sigterm_under_load_fails_no_accepted_request(inference_service,
         assert set(logged) <= {"OK", "UNAVAILABLE/shutting_down"}, f"accepted requests failed: {logged}"
         assert logged.get("OK", 0) == codes["OK"], "each OK the clients got is one request the gateway logged"
         assert load.integrity()["lost"] == 0 and load.integrity()["mismatched"] == 0
+        _report(f"gateway SIGTERM, drain delay {drain_delay} s", load, gateway_log=logged)
     finally:
         load.stop()
         gateway.kill()
@@ -193,6 +202,7 @@ def test_kill_9_under_load_then_recovery(trained_repository: Path, image: bytes,
         assert set(load.codes()) <= {"OK", "UNAVAILABLE"}, load.codes()
         assert load.integrity() == {**load.integrity(), "lost": 0, "duplicated": 0, "mismatched": 0}
         assert gateway.alive()
+        _report("inference kill -9 and restart", load)
     finally:
         load.stop()
         inference.kill()
@@ -218,8 +228,48 @@ def test_hung_inference_fails_fast_and_recovers(trained_repository: Path, image:
         load.stop()
         assert "DEADLINE_EXCEEDED" not in load.codes(), load.codes()
         assert load.integrity()["lost"] == 0
+        _report("inference SIGSTOP / SIGCONT", load)
     finally:
         load.stop()
         inference.process.send_signal(signal.SIGCONT)
         inference.kill()
         gateway.kill()
+
+
+def _pending(service: processes.Service) -> float:
+    return sum(float(line.split()[-1]) for line in service.metrics_text().splitlines()
+               if line.startswith("cxr_inference_pending_requests{"))
+
+
+def test_upstream_cancelled_is_retried_on_another_replica(trained_repository: Path, image: bytes, tmp_path: Path):
+    """A replica stopping with requests still queued cancels them (its grace period runs out): the gateway answers
+    none of them CANCELLED (which a caller reads as its own doing) but retries each on the other replica."""
+    import shutil
+
+    slow = tmp_path / "slow-repository"
+    shutil.copytree(trained_repository / MODEL, slow / MODEL)
+    config = slow / MODEL / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 20000000"))
+    stopping = processes.start_inference(slow, tmp_path / "a", extra=[*EXPLICIT, "--grace-period", "0.5"])
+    staying = processes.start_inference(trained_repository, tmp_path / "b", extra=EXPLICIT)
+    gateway = processes.start_gateway(f"ipv4:{stopping.address},{staying.address}", tmp_path / "gateway",
+                                      extra=["--request-timeout", "60"])
+    processes.wait_ready(gateway.address)
+    load = ClassifyLoad(gateway.address, image, clients=4, model_name=MODEL, timeout_s=60).start()
+    try:
+        _wait(lambda: _pending(stopping) >= 1, "a request queued on the slow replica")
+        stopping.process.send_signal(signal.SIGTERM)
+        assert stopping.process.wait(60) == 0
+        exited = load.mark()
+        load.wait_answers(8, since=exited, code="OK")
+        load.stop()
+        assert re.search(r"grace period of 0.5 s ran out with [1-9]\d* requests still running", stopping.log_text())
+        assert load.codes() == {"OK": len(load.answers)}, load.codes()
+        retries = [float(line.split()[-1]) for line in gateway.metrics_text().splitlines()
+                   if line.startswith("cxr_gateway_upstream_retries_total ")]
+        assert retries and retries[0] >= 1
+        _report("upstream CANCELLED retried", load, gateway_retries=retries[0])
+    finally:
+        load.stop()
+        for service in (gateway, stopping, staying):
+            service.kill()
