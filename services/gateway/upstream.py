@@ -36,8 +36,7 @@ PASSED_THROUGH = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-}
+}  # (never CANCELLED: a caller reads it as its own doing; _call retries it and answers UNAVAILABLE)
 
 
 class UpstreamError(Exception):
@@ -163,10 +162,11 @@ class InferenceClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the inference call")
-            replica, _fresh = self.replicas.pick(tried)
+            replica, _ = self.replicas.pick(tried)
             if replica is None:
-                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"inference service at {self.settings.inference} is "
-                                    "not responding (its readiness checks time out): not waiting for it")
+                why = ("not responding (its readiness checks time out): not waiting for it" if self.replicas.replicas
+                       else "not resolvable to any address")
+                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"inference service at {self.settings.inference} is {why}")
             try:
                 return await replica.call(method, request, remaining, self._metadata)
             except ReplicaHung:
@@ -188,7 +188,7 @@ class InferenceClient:
             attempt += 1
             if self._on_retry:
                 self._on_retry()
-            _next, fresh = self.replicas.pick(tried)
+            _, fresh = self.replicas.pick(tried)
             if not fresh:  # every replica tried: wait before calling one again
                 if deadline - time.monotonic() <= backoff:
                     raise failure
