@@ -83,6 +83,8 @@ class Lifecycle:
 
     async def idle(self, timeout: float) -> bool:
         """Wait until no tracked request runs, at most `timeout` seconds; True when none is left."""
+        if self.in_flight == 0:
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), max(0.0, timeout))
         except TimeoutError:
