@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from cxr.imaging import DecodedImage, ImageError, ImageLimits, _to_uint8
+from cxr.imaging import DecodedImage, ImageError, ImageLimits, _to_uint8, check_min_size, strict_jpeg
 
 # ViewPosition values (DICOM CS) that mean a lateral projection; our models were trained on frontal views.
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LL_DECUBITUS", "RL_DECUBITUS"}
@@ -65,8 +65,11 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     transfer_syntax = ds.file_meta.TransferSyntaxUID
     if not transfer_syntax.is_transfer_syntax:
         raise ImageError("unsupported_transfer_syntax", f"DICOM TransferSyntaxUID {str(transfer_syntax)[:64]!r} is not a known transfer syntax")
+    strict = None
     if transfer_syntax.is_compressed:
-        _check_codestream(ds, limits)
+        frame = _check_codestream(ds, limits)
+        if _is_jpeg8(frame):
+            strict = strict_jpeg(frame)  # refuses corrupt entropy-coded data that the decoders below accept
     else:
         _check_native_length(ds)
     if transfer_syntax == pydicom.uid.JPEGBaseline8Bit:
@@ -77,7 +80,11 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
         # pydicom falls back to pylibjpeg-rle, whose Rust code panics on some of them
         ds.pixel_array_options(decoding_plugin="pydicom")
     try:
-        arr = ds.pixel_array
+        # the strict decode's pixels are the image when they need no reinterpretation (unsigned 8-bit)
+        use_strict = strict is not None and _int(ds, "BitsAllocated") == 8 and _int(ds, "PixelRepresentation", 0) == 0
+        arr = strict if use_strict else ds.pixel_array
+    except ImageError:
+        raise
     except Exception as exc:  # (a decoder panic is a BaseException: read_dicom turns it into "corrupt")
         raise ImageError("corrupt", f"cannot decode DICOM pixel data ({transfer_syntax.name}): {_short(exc)}") from None
     if arr.ndim != 2:
@@ -154,8 +161,11 @@ def _check_header(ds, limits: ImageLimits) -> None:
         raise ImageError("corrupt", f"DICOM image size {cols}x{rows} is invalid")
     if rows * cols > limits.max_pixels:
         raise ImageError("too_many_pixels", f"DICOM image is {cols}x{rows}; the limit is {limits.max_pixels} pixels")
-    allocated, stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored", None if "BitsStored" in ds else 0)
-    if allocated not in (8, 16) or not 1 <= (stored or allocated) <= allocated:
+    check_min_size(cols, rows, limits)
+    allocated = _int(ds, "BitsAllocated")
+    # BitsStored absent or empty: all allocated bits; present, it must be 1..allocated (0 is unsupported, not corrupt)
+    stored = _int(ds, "BitsStored") if ds.get("BitsStored") not in (None, "") else allocated
+    if allocated not in (8, 16) or not 1 <= stored <= allocated:
         raise ImageError(
             "unsupported_bits",
             f"DICOM with BitsAllocated {allocated} / BitsStored {stored} is not supported: expected 8 or 16 bits allocated",
@@ -170,8 +180,9 @@ def _check_native_length(ds) -> None:
         raise ImageError("truncated", f"DICOM pixel data is truncated: {actual} bytes for a {cols}x{rows} {bits}-bit image needing {expected}")
 
 
-def _check_codestream(ds, limits: ImageLimits) -> None:
+def _check_codestream(ds, limits: ImageLimits) -> bytes:
     """Compressed pixel data: a decoder we have, one frame, and a codestream that declares the header's size.
+    Returns the frame.
 
     A JPEG or JPEG 2000 codestream carries its own width and height; a file whose header says 512x512
     but whose codestream decodes to 60000x60000 is a decompression bomb, refused before decoding.
@@ -194,19 +205,39 @@ def _check_codestream(ds, limits: ImageLimits) -> None:
         raise ImageError("corrupt", f"DICOM encapsulated pixel data is malformed: {_short(exc)}") from None
     if not frame:
         raise ImageError("no_pixel_data", "DICOM encapsulated pixel data holds an empty frame")
-    # JPEG and JPEG 2000 codestreams end with FFD9 (EOI / EOC), before the even-length padding. libjpeg
-    # decodes a cut-off codestream without complaint, so a truncated frame is caught here.
-    if frame[:2] in (b"\xff\xd8", b"\xff\x4f") and not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+    # JPEG and JPEG 2000 codestreams end with FFD9 (EOI / EOC), before padding (a 0x00 to even length, or 0xFF
+    # fill bytes as in pydicom's JPGExtended.dcm). libjpeg decodes a cut-off codestream without complaint, so a
+    # truncated frame is caught here.
+    if frame[:2] in (b"\xff\xd8", b"\xff\x4f") and not frame.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
         raise ImageError("truncated", f"DICOM {uid.name} frame is truncated (no end-of-image marker)")
     size = _codestream_size(frame)
     if size is None:
-        return
+        return frame
     width, height = size
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if width * height > limits.max_pixels:
         raise ImageError("too_many_pixels", f"DICOM codestream is {width}x{height}; the limit is {limits.max_pixels} pixels")
     if (width, height) != (cols, rows):
         raise ImageError("corrupt", f"DICOM codestream is {width}x{height} but the header says {cols}x{rows}")
+    return frame
+
+
+def _is_jpeg8(frame: bytes) -> bool:
+    """A baseline, extended or progressive (SOF0/1/2) JPEG codestream with 8-bit samples: libjpeg-turbo's."""
+    if frame[:2] != b"\xff\xd8":
+        return False
+    pos = 2
+    while pos + 5 <= len(frame) and frame[pos] == 0xFF:
+        marker = frame[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xC0, 0xC1, 0xC2):
+            return frame[pos + 4] == 8
+        if 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
+            return False  # another SOF (lossless, arithmetic...) or the scan itself
+        pos += 2 + struct.unpack(">H", frame[pos + 2 : pos + 4])[0]
+    return False
 
 
 def _codestream_size(frame: bytes) -> tuple[int, int] | None:

@@ -36,6 +36,7 @@ class ImageLimits:
 
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 50_000_000
+    min_side: int = 32  # smaller than this per side is no radiograph a model can read (a 1x1 image is refused)
 
 
 # PIL's own decompression-bomb guard, aligned with ours (it raises beyond twice this; we refuse beyond
@@ -97,6 +98,11 @@ def _read_raster(data: bytes, fmt: str, limits: ImageLimits) -> DecodedImage:
             raise ImageError("too_many_pixels", f"image is {img.width}x{img.height}; the limit is {limits.max_pixels} pixels")
         if img.width < 1 or img.height < 1:
             raise ImageError("corrupt", f"image size {img.width}x{img.height} is invalid")
+        check_min_size(img.width, img.height, limits)
+        # libjpeg decodes damaged entropy-coded data into plausible garbage, with only a warning: refuse it
+        strict = strict_jpeg(data, img.mode) if fmt == "jpeg" else None
+        if strict is not None:
+            return DecodedImage(pixels=strict, format=fmt, notices=[])
         img.load()
     except ImageError:
         raise
@@ -120,6 +126,31 @@ def _read_raster(data: bytes, fmt: str, limits: ImageLimits) -> DecodedImage:
             notices.append(f"{img.mode} image converted to grayscale")
         pixels = np.asarray(img.convert("L"), dtype=np.uint8)
     return DecodedImage(pixels=np.ascontiguousarray(pixels), format=fmt, notices=notices)
+
+
+def check_min_size(width: int, height: int, limits: ImageLimits) -> None:
+    if min(width, height) < limits.min_side:
+        raise ImageError("too_small", f"image is {width}x{height}; at least {limits.min_side} pixels per side are needed")
+
+
+def strict_jpeg(data: bytes, mode: str = "L") -> np.ndarray | None:
+    """Decode a JPEG with libjpeg-turbo, refusing what libjpeg only warns about ("Corrupt JPEG data: ...",
+    "Premature end of JPEG file"): Pillow and pydicom's decoders return those as pixels without a word.
+
+    Returns uint8 [H, W] for a grayscale (mode "L") JPEG, the same pixels Pillow decodes; None for colour ones,
+    which are only checked here (Pillow converts them to grayscale as before). Padding after EOI is fine."""
+    import simplejpeg
+
+    colorspace = "CMYK" if mode == "CMYK" else "GRAY"
+    try:
+        decoded = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
+    except (ValueError, RuntimeError) as exc:
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = "truncated" if "premature end of jpeg file" in text.lower() else "corrupt"
+        raise ImageError(reason, f"corrupt JPEG data refused: {text}") from None
+    if mode != "L":
+        return None
+    return np.ascontiguousarray(decoded[..., 0])
 
 
 def _to_uint8(arr: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -47,7 +47,7 @@ RUN pip install --no-deps --no-build-isolation /tmp/src \
  && mkdir -p /models && chown cxr:cxr /models
 
 USER 10001:10001
-ENV CXR_INFERENCE_PORT=8001 CXR_INFERENCE_METRICS_PORT=8002
+ENV CXR_INFERENCE_PORT=8001 CXR_INFERENCE_METRICS_PORT=8002 CXR_INFERENCE_HOST=0.0.0.0
 EXPOSE 8001 8002
 VOLUME ["/models"]
 HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \

@@ -3,19 +3,22 @@
 - `server_credentials(cert, key, client_ca)`: TLS on a server port; with `client_ca` the server requires and
   verifies a client certificate (mutual TLS).
 - `channel_credentials(ca, cert, key)`: the client side; `cert` + `key` present a client certificate.
-- `TokenAuthInterceptor`: every call must carry `authorization: Bearer <token>` metadata with one of the
-  configured tokens, else UNAUTHENTICATED. The health service is exempt, so load balancers and
-  `grpc_health_probe` work without a token.
+- `TokenAuthInterceptor`: every call (or the methods named) must carry `authorization: Bearer <token>` metadata
+  with one of the configured tokens, else UNAUTHENTICATED, logged (method, peer; never the token) and counted.
+  The health service is exempt, so load balancers and `grpc_health_probe` work without a token.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger("cxr.security")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -68,45 +71,60 @@ def bearer_metadata(token: str | None = None, env: str = "CXR_TOKEN") -> list[tu
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call without a valid bearer token with UNAUTHENTICATED; health checks are exempt."""
+    """Refuses calls without a valid bearer token with UNAUTHENTICATED; health checks are exempt.
 
-    def __init__(self, tokens: Iterable[str], exempt_prefixes: tuple[str, ...] = (HEALTH_PREFIX,)):
+    `only`: the full method names that need a token (None: every method that is not exempt). Each refusal is
+    logged with the method and the peer address (never the token) and reported to `on_refused(method)`."""
+
+    def __init__(self, tokens: Iterable[str], exempt_prefixes: tuple[str, ...] = (HEALTH_PREFIX,), *,
+                 only: Iterable[str] | None = None, on_refused: Callable[[str], None] | None = None):
         self._tokens = [t.encode() for t in tokens]
         if not self._tokens:
             raise ValueError("token authentication needs at least one token")
         self._exempt = exempt_prefixes
+        self._only = frozenset(only) if only is not None else None
+        self._on_refused = on_refused
 
-    def _authorized(self, metadata) -> bool:
+    def _check(self, metadata) -> str | None:
+        """None when authorized, else why not ("missing" or "invalid")."""
         for key, value in metadata or ():
             if key.lower() != "authorization":
                 continue
             scheme, _, token = (value if isinstance(value, str) else value.decode()).partition(" ")
             if scheme.lower() != "bearer":
-                return False
+                return "invalid"
             given = token.strip().encode()
             # compare against every token in constant time, so timing does not reveal a prefix
-            return any([hmac.compare_digest(given, t) for t in self._tokens])
-        return False
+            return None if any([hmac.compare_digest(given, t) for t in self._tokens]) else "invalid"
+        return "missing"
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
-        if method.startswith(self._exempt) or self._authorized(handler_call_details.invocation_metadata):
+        if method.startswith(self._exempt) or (self._only is not None and method not in self._only):
+            return await continuation(handler_call_details)
+        problem = self._check(handler_call_details.invocation_metadata)
+        if problem is None:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        return _refusing(handler) if handler is not None else None
+        return self._refusing(handler, method, problem) if handler is not None else None
 
+    def _refusing(self, handler: grpc.RpcMethodHandler, method: str, problem: str) -> grpc.RpcMethodHandler:
+        """A handler of the same shape as `handler` that answers UNAUTHENTICATED without reading the request."""
+        on_refused = self._on_refused
 
-async def _unauthenticated(request_or_iterator, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+        async def refuse(request_or_iterator, context):
+            log.warning("authentication refused", extra={"fields": {"method": method, "peer": context.peer(),
+                                                                    "token": problem}})
+            if on_refused is not None:
+                on_refused(method)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{problem} bearer token (metadata 'authorization: Bearer <token>')")
 
-
-def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers UNAUTHENTICATED without reading the request."""
-    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_unauthenticated, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_unauthenticated, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(_unauthenticated, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(_unauthenticated, **kwargs)
+        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)

@@ -45,7 +45,7 @@ class GatewaySettings(BaseSettings):
     readiness_interval_s: float = 1.0
     """How often the gateway checks the inference service's readiness."""
     lb_policy: str = "round_robin"
-    """gRPC load-balancing policy over the upstream's addresses (round_robin: per call, across inference pods)."""
+    """gRPC load-balancing policy for a target the gateway does not resolve itself (unix:, xds:); others get one channel per address."""
     upstream_tls: bool = False
     """Use TLS to the inference service."""
     upstream_ca: Path | None = None
@@ -73,4 +73,6 @@ class GatewaySettings(BaseSettings):
     log_level: str = "INFO"
     """Log level of the JSON-lines log on stderr."""
     shutdown_grace_s: float = 5.0
-    """Seconds in-flight calls get to finish on SIGTERM."""
+    """Seconds in-flight calls get to finish on SIGTERM (after the drain delay)."""
+    drain_delay_s: float = 0.0
+    """On SIGTERM: seconds to keep answering with readiness false before draining, so load balancers notice."""

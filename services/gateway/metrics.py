@@ -29,3 +29,4 @@ class GatewayMetrics:
         self.image_errors = Counter("cxr_gateway_image_errors", "Images refused by the reader, by reason", ["reason"], registry=r)
         self.upstream_ready = Gauge("cxr_gateway_upstream_ready", "1 when the inference service reports ready", registry=r)
         self.upstream_retries = Counter("cxr_gateway_upstream_retries", "Upstream calls retried after UNAVAILABLE", registry=r)
+        self.auth_refused = Counter("cxr_gateway_auth_refused", "Calls refused for a missing or invalid bearer token, by RPC method", ["method"], registry=r)

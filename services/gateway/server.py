@@ -23,6 +23,7 @@ from cxr.generated.cxr.v1 import gateway_pb2_grpc as pb_grpc
 from cxr.imaging import DecodedImage, ImageError, ImageLimits, read_image, resize_for_model
 from services.common.errors import ServiceError, aborts_on_error
 from services.common.logging import log_request
+from services.common.serving import Lifecycle
 from services.gateway.config import GatewaySettings
 from services.gateway.decode_pool import DecodePool
 from services.gateway.heatmap import overlay_png
@@ -69,8 +70,9 @@ def _ms(seconds: float) -> float:
 
 
 class GatewayService(pb_grpc.GatewayServicer):
-    def __init__(self, settings: GatewaySettings, upstream: InferenceClient, metrics: GatewayMetrics):
+    def __init__(self, settings: GatewaySettings, upstream: InferenceClient, metrics: GatewayMetrics, lifecycle: Lifecycle):
         self.settings = settings
+        self.lifecycle = lifecycle
         self.upstream = upstream
         self.metrics = metrics
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
@@ -170,9 +172,13 @@ class GatewayService(pb_grpc.GatewayServicer):
         self._in_flight += 1
         self.metrics.in_flight.inc()
         try:
+            if not self.lifecycle.admitting:
+                starting = self.lifecycle.state == "starting"
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the gateway is {'starting' if starting else 'shutting down'}: retry on another replica", "starting" if starting else "shutting_down")
             if self._in_flight > self.settings.max_in_flight:
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is busy ({self.settings.max_in_flight} requests in progress): retry later", "busy")
-            response = await self._run(request, trace, self._deadline(time_remaining))
+            with self.lifecycle.track():
+                response = await self._run(request, trace, self._deadline(time_remaining))
             trace.ms["total_ms"] = _ms(time.perf_counter() - started)
             response.timings.total_ms = trace.ms["total_ms"]
             return response
@@ -331,13 +337,14 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.upstream = InferenceClient(settings, on_readiness=self._on_readiness, on_retry=self.metrics.upstream_retries.inc)
-        self.service = GatewayService(settings, self.upstream, self.metrics)
         tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
         limit = settings.max_image_bytes + 64 * 1024  # the image plus the request's other fields
-        self.server = create_server(limit, max_send_bytes=64 * 1024 * 1024,
-                                    interceptors=[TokenAuthInterceptor(tokens)] if tokens else [])
+        self.server = create_server(
+            limit, max_send_bytes=64 * 1024 * 1024,
+            interceptors=[TokenAuthInterceptor(tokens, on_refused=lambda m: self.metrics.auth_refused.labels(m).inc())] if tokens else [])
+        self.lifecycle = add_health_and_reflection(self.server, [SERVICE_NAME])
+        self.service = GatewayService(settings, self.upstream, self.metrics, self.lifecycle)
         pb_grpc.add_GatewayServicer_to_server(self.service, self.server)
-        self.readiness = add_health_and_reflection(self.server, [SERVICE_NAME])
         address = f"{settings.host}:{settings.port}"
         if settings.tls_cert and settings.tls_key:
             credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
@@ -351,32 +358,26 @@ class Gateway:
 
     def _on_readiness(self, ready: bool) -> None:
         self.metrics.upstream_ready.set(1 if ready else 0)
-        if self.stopping.is_set():
-            return  # shutting down: readiness stays false whatever the upstream says
-        if ready != self.readiness.ready:
-            task = asyncio.get_running_loop().create_task(self.readiness.set(ready))
+        if ready != self.lifecycle.dependency_ready:  # (a draining gateway stays not ready: the lifecycle says so)
+            task = asyncio.get_running_loop().create_task(self.lifecycle.set_dependency_ready(ready))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
-        from services.common.serving import start_metrics_server
+        from services.common.serving import SERVING, start_metrics_server
 
-        await self.readiness.set(False)
+        self.lifecycle.dependency_ready = False
+        await self.lifecycle.publish()
         if self.service.decode_pool is not None:
             self.service.decode_pool.warm_up()  # before serving: the first requests need not wait for worker start-up
         self.metrics_port = start_metrics_server(self.settings.metrics_port, self.metrics.registry, self.settings.host)
         await self.server.start()
         await self.upstream.start()
-        await self.readiness.set(self.upstream.ready)
+        self.lifecycle.dependency_ready = self.upstream.ready
+        await self.lifecycle.to(SERVING)
         log.info("gateway listening", extra={"fields": {
             "port": self.port, "metrics_port": self.metrics_port, "inference": self.settings.inference,
             "upstream_ready": self.upstream.ready, "decode_processes": self.settings.decode_processes, **self.security}})
-
-    async def drain(self, grace_s: float) -> None:
-        """Wait until the requests in progress are answered (the server refuses new ones meanwhile)."""
-        deadline = time.monotonic() + grace_s
-        while self.service.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         await self.upstream.close()
@@ -397,8 +398,8 @@ async def serve(settings: GatewaySettings, started: asyncio.Future | None = None
         started.set_result((gateway.port, gateway.metrics_port))
     try:
         await serve_until_terminated(
-            gateway.server, gateway.readiness, grace_period_s=settings.shutdown_grace_s, drain=gateway.drain,
-            stop_event=gateway.stopping,
+            gateway.server, gateway.lifecycle, grace_period_s=settings.shutdown_grace_s,
+            drain_delay_s=settings.drain_delay_s, stop_event=gateway.stopping,
         )
     finally:
         await gateway.close()

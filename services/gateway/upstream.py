@@ -3,10 +3,11 @@
 - Model metadata (input name and size, classes, demo flag) comes from ModelMetadata + ModelConfig and is
   cached for `metadata_ttl_s`, then fetched again.
 - Images travel as uint8 `[1, 1, H, W]` in `raw_input_contents` (about 50 KB at 224x224).
-- Every call carries a deadline (the caller's remaining time); UNAVAILABLE is retried with exponential
-  backoff while that deadline allows, and no other code is retried.
-- A background loop polls ServerReady; `ready` is false while the service is down, and the channel's
-  reconnect backoff is capped so readiness comes back within about a second of the service.
+- Every call carries a deadline (the caller's remaining time); UNAVAILABLE (and a CANCELLED the caller did not
+  cause) is retried on another replica, or with exponential backoff on the same one, while that deadline
+  allows; no other code is retried.
+- A background loop polls ServerReady on every replica (`replicas.py`); `ready` is true while any replica is
+  ready, and the channels' reconnect backoff is capped so readiness comes back within about a second.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from services.common.errors import ServiceError
 from services.common.security import bearer_metadata, channel_credentials
 from services.gateway.config import GatewaySettings
+from services.gateway.replicas import ReplicaHung, ReplicaSet
 
 log = logging.getLogger("cxr.gateway.upstream")
 
@@ -36,8 +38,7 @@ PASSED_THROUGH = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-}
+}  # (never CANCELLED: a caller reads it as its own doing; _call retries it and answers UNAVAILABLE)
 
 
 class UpstreamError(ServiceError):
@@ -102,14 +103,20 @@ class InferenceClient:
             # a headless Service (dns:///inference:8001) resolves to one address per pod: balance per call
             ("grpc.lb_policy_name", settings.lb_policy),
         ]
+        credentials = None
         if settings.upstream_tls or settings.upstream_ca or settings.upstream_cert:
-            creds = channel_credentials(settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
-            self._channel = grpc.aio.secure_channel(settings.inference, creds, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(settings.inference, options=options)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+            credentials = channel_credentials(settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
+
+        def make_channel(target: str, tls_name: str | None) -> grpc.aio.Channel:
+            if credentials is None:
+                return grpc.aio.insecure_channel(target, options=options)
+            # a channel to one resolved address still verifies the certificate against the configured host name
+            extra = [("grpc.ssl_target_name_override", tls_name)] if tls_name else []
+            return grpc.aio.secure_channel(target, credentials, options=options + extra)
+
+        self.replicas = ReplicaSet(settings.inference, make_channel, self._metadata,
+                                   check_timeout_s=min(1.0, max(0.2, settings.readiness_interval_s)))
         self._poller: asyncio.Task | None = None
-        self._check: asyncio.Task | None = None
         self._fetching: dict[tuple[str, str], asyncio.Future] = {}
 
     # ---- lifecycle and readiness -------------------------------------------------------------------
@@ -118,10 +125,9 @@ class InferenceClient:
         self._poller = asyncio.create_task(self._poll_readiness())
 
     async def close(self) -> None:
-        for task in (self._poller, self._check):
-            if task is not None:
-                task.cancel()
-        await self._channel.close()
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.replicas.close()
 
     def _set_ready(self, ready: bool) -> None:
         if ready != self.ready:
@@ -131,17 +137,10 @@ class InferenceClient:
             self._on_readiness(ready)
 
     async def check_ready(self) -> bool:
-        try:
-            resp = await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0, metadata=self._metadata)
-            ready = bool(resp.ready)
-        except grpc.aio.AioRpcError:
-            ready = False
-        self._set_ready(ready)
-        return ready
-
-    def _schedule_ready_check(self) -> None:
-        if self._check is None or self._check.done():
-            self._check = asyncio.get_running_loop().create_task(self.check_ready())
+        """Re-resolve the target and check every replica: ready when any replica is."""
+        await self.replicas.refresh()
+        self._set_ready(self.replicas.ready)
+        return self.ready
 
     async def _poll_readiness(self) -> None:
         while True:
@@ -149,29 +148,52 @@ class InferenceClient:
             await self.check_ready()
 
     # ---- calls with deadline and retry -------------------------------------------------------------
-    async def _call(self, method, request, deadline: float):
-        """Call `method` before the monotonic `deadline`, retrying UNAVAILABLE with exponential backoff."""
+    async def _call(self, method: str, request, deadline: float):
+        """Call `method` before the monotonic `deadline` on the best replica, retrying a refusal on another one.
+
+        Retried (at most `upstream_retries` times): UNAVAILABLE (down, starting or draining), CANCELLED that our
+        caller did not cause (a replica stopping under the call; our own cancellation raises CancelledError
+        instead) and calls abandoned on a replica that hung. An untried replica is called at once, the same one
+        again only after a backoff. Every other code is answered as it is."""
         backoff = self.settings.upstream_backoff_s
         attempt = 0
+        tried: set = set()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the inference call")
+            replica, _ = self.replicas.pick(tried)
+            if replica is None:
+                why = ("not responding (its readiness checks time out): not waiting for it" if self.replicas.replicas
+                       else "not resolvable to any address")
+                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"inference service at {self.settings.inference} is {why}")
             try:
-                return await method(request, timeout=remaining, metadata=self._metadata)
+                return await replica.call(method, request, remaining, self._metadata)
+            except ReplicaHung:
+                failure = UpstreamError(grpc.StatusCode.UNAVAILABLE, f"inference replica {replica.address} stopped "
+                                        "responding during the call")
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE and not _means_unknown_model(exc.details()):
-                    # the whole service down, or one model not loaded? ServerReady tells (and fails fast when down)
-                    self._schedule_ready_check()
-                    if attempt < self.settings.upstream_retries and deadline - time.monotonic() > backoff:
-                        attempt += 1
-                        if self._on_retry:
-                            self._on_retry()
-                        await asyncio.sleep(backoff)
-                        backoff *= 2
-                        continue
-                raise _mapped(exc, self.settings.inference) from None
+                if code == grpc.StatusCode.CANCELLED:
+                    failure = UpstreamError(grpc.StatusCode.UNAVAILABLE, f"inference replica {replica.address} "
+                                            f"cancelled the call (shutting down?): {exc.details() or ''}")
+                elif code == grpc.StatusCode.UNAVAILABLE and not _means_unknown_model(exc.details()):
+                    failure = _mapped(exc, self.settings.inference)
+                else:
+                    raise _mapped(exc, self.settings.inference) from None
+            self.replicas.refused(replica)
+            tried.add(replica)
+            if attempt >= self.settings.upstream_retries:
+                raise failure
+            attempt += 1
+            if self._on_retry:
+                self._on_retry()
+            _, fresh = self.replicas.pick(tried)
+            if not fresh:  # every replica tried: wait before calling one again
+                if deadline - time.monotonic() <= backoff:
+                    raise failure
+                await asyncio.sleep(backoff)
+                backoff *= 2
 
     # ---- model metadata ----------------------------------------------------------------------------
     async def model(self, name: str, version: str, deadline: float) -> ModelSpec:
@@ -196,9 +218,9 @@ class InferenceClient:
 
     async def _fetch_model(self, name: str, version: str, deadline: float) -> ModelSpec:
         key = (name, version)
-        meta = await self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=name, version=version), deadline)
+        meta = await self._call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version), deadline)
         try:
-            config = (await self._call(self._stub.ModelConfig, pb.ModelConfigRequest(name=name, version=version), deadline)).config
+            config = (await self._call("ModelConfig", pb.ModelConfigRequest(name=name, version=version), deadline)).config
         except UpstreamError as exc:
             if exc.code != grpc.StatusCode.INTERNAL:
                 raise
@@ -234,13 +256,13 @@ class InferenceClient:
 
     async def model_ready(self, name: str, deadline: float) -> bool:
         try:
-            return bool((await self._call(self._stub.ModelReady, pb.ModelReadyRequest(name=name), deadline)).ready)
+            return bool((await self._call("ModelReady", pb.ModelReadyRequest(name=name), deadline)).ready)
         except UpstreamError:
             return False
 
     async def model_names(self, deadline: float) -> dict[str, list[str]]:
         """Model name -> versions, from the repository index (a Triton extension our service also serves)."""
-        index = await self._call(self._stub.RepositoryIndex, pb.RepositoryIndexRequest(), deadline)
+        index = await self._call("RepositoryIndex", pb.RepositoryIndexRequest(), deadline)
         names: dict[str, list[str]] = {}
         for entry in index.models:
             versions = names.setdefault(entry.name, [])
@@ -260,7 +282,7 @@ class InferenceClient:
         if want_cam and CAM in spec.outputs:
             request.outputs.add().name = CAM
         try:
-            response = await self._call(self._stub.ModelInfer, request, deadline)
+            response = await self._call("ModelInfer", request, deadline)
         except UpstreamError as exc:
             if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 self.forget(spec.name, version)  # unloaded, or reloaded with other inputs: fetch again next time

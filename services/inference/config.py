@@ -16,8 +16,8 @@ class InferenceSettings(BaseSettings):
 
     repository: Path = Path("model_repository")
     """The model repository folder (Triton layout)."""
-    host: str = "0.0.0.0"
-    """Address the gRPC server listens on."""
+    host: str = "127.0.0.1"
+    """Address the gRPC and metrics servers listen on: loopback by default; 0.0.0.0 (as the deploy files set) for all."""
     port: int = 8001
     """gRPC port (KServe v2 / Triton protocol, health, reflection); 0 picks a free port."""
     metrics_port: int = 8002
@@ -48,6 +48,18 @@ class InferenceSettings(BaseSettings):
     """On SIGTERM: how long to keep answering (readiness false) before draining, so load balancers notice."""
     log_level: str = "INFO"
     """Python logging level."""
+    tls_cert: Path | None = None
+    """Server certificate (PEM): enables TLS on the gRPC port together with tls_key."""
+    tls_key: Path | None = None
+    """Private key of tls_cert (PEM)."""
+    tls_client_ca: Path | None = None
+    """CA that client certificates must chain to: enables mutual TLS."""
+    auth_token_file: Path | None = None
+    """File with accepted bearer tokens, one per line: enables token authentication."""
+    auth_tokens: str = ""
+    """Accepted bearer tokens, comma-separated (e.g. from a secret): enables token authentication."""
+    auth_scope: Literal["all", "control"] = "all"
+    """With tokens: `all` RPCs need one (health exempt), or only the repository `control` RPCs (load, unload)."""
 
     @field_validator("load_models", "providers", mode="before")
     @classmethod

@@ -41,6 +41,9 @@ class InferenceMetrics:
         self.pending = Gauge(
             "cxr_inference_pending_requests", "Inference requests queued or computing.", labels,
             registry=self.registry)
+        self.auth_refused = Counter(
+            "cxr_inference_auth_refused", "Calls refused for a missing or invalid bearer token, by RPC method.",
+            ("method",), registry=self.registry)
 
     def record_failure(self, model: str, version: str, reason: str) -> None:
         self.failure.labels(model or "", version or "", reason).inc()

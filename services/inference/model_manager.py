@@ -30,7 +30,7 @@ from services.inference.tensors import TensorSpec, datatype_name
 
 log = logging.getLogger(__name__)
 
-READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 
 
 @dataclass
@@ -91,6 +91,20 @@ class ModelEntry:
 
     def newest(self) -> ModelVersion | None:
         return self.versions[max(self.versions)] if self.versions else None
+
+
+MAX_NAME_BYTES = 255  # one path component on every common filesystem
+
+
+def valid_model_name(name: str) -> bool:
+    """A name that can be a model folder: one path component, no control characters, at most 255 bytes."""
+    return (bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
+            and name.isprintable() and len(name.encode("utf-8", "replace")) <= MAX_NAME_BYTES)
+
+
+def _shown(name: str) -> str:
+    """A client's model name as quoted back in a message: repr, cut short."""
+    return repr(name) if len(name) <= 64 else repr(name[:64]) + f"... ({len(name)} characters)"
 
 
 def _specs(config_tensors) -> list[TensorSpec]:
@@ -163,16 +177,23 @@ class ModelManager:
         await asyncio.gather(*(self.load(n, raise_errors=False) for n in names))
 
     def _folder_exists(self, name: str) -> bool:
-        # One path component only: a request must not reach folders outside the repository.
-        return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and \
-            (self.repository / name).is_dir()
+        # Checked before the name touches the filesystem: one path component of a length any filesystem takes,
+        # so a request can neither reach folders outside the repository nor make the lookup itself fail.
+        return valid_model_name(name) and (self.repository / name).is_dir()
+
+    def _scrub(self, text: str) -> str:
+        """A message without the server's own paths (onnxruntime and file errors quote absolute paths)."""
+        for prefix in {str(self.repository.resolve()), str(self.repository)}:
+            if prefix and prefix != ".":
+                text = text.replace(prefix + "/", "").replace(prefix, "<repository>")
+        return text
 
     async def load(self, name: str, *, raise_errors: bool = True) -> ModelEntry:
         """(Re)load a model: build every served version, then swap them in at once. On failure a model that was
         serving keeps serving its old versions."""
         if not self._folder_exists(name):
             if raise_errors:
-                raise not_found(f"no model {name!r} in the repository; models: {repository.list_models(self.repository)}")
+                raise not_found(f"no model {_shown(name)} in the repository; models: {repository.list_models(self.repository)}")
             return self.models.setdefault(name, ModelEntry(name, UNAVAILABLE, "no such folder in the model repository"))
         async with self._locks[name]:
             old = self.models.get(name)
@@ -182,7 +203,7 @@ class ModelManager:
             try:
                 entry = await loop.run_in_executor(self._loader, self._build, name)
             except Exception as e:  # noqa: BLE001 - any broken model is reported, never fatal
-                reason = str(e) or type(e).__name__
+                reason = self._scrub(str(e) or type(e).__name__)
                 log.error("model %s failed to load: %s", name, reason)
                 if old is not None and old.state == READY:
                     self.models[name] = old
@@ -230,7 +251,7 @@ class ModelManager:
             try:
                 entry.versions[v] = self._build_version(model_dir, v, config, labels, inputs, outputs, providers)
             except Exception as e:  # noqa: BLE001 - one broken version does not stop the others
-                entry.failed[v] = str(e) or type(e).__name__
+                entry.failed[v] = self._scrub(str(e) or type(e).__name__)
                 log.error("model %s version %s failed to load: %s", name, v, entry.failed[v])
         if not entry.versions:
             raise ValueError("; ".join(f"version {v}: {r}" for v, r in sorted(entry.failed.items())))
@@ -288,7 +309,7 @@ class ModelManager:
             entry = self.models.get(name)
             if entry is None or entry.state != READY:
                 if not self._folder_exists(name):
-                    raise not_found(f"no model {name!r} to unload; models: {sorted(self.models)}")
+                    raise not_found(f"no model {_shown(name)} to unload; models: {sorted(self.models)}")
                 self.models[name] = ModelEntry(name, UNAVAILABLE, "unloaded")
                 return
             self.models[name] = ModelEntry(name, UNAVAILABLE, "unloaded", config=entry.config)
@@ -314,7 +335,7 @@ class ModelManager:
         if entry is None:
             if self._folder_exists(name):
                 raise unavailable(f"model {name!r} is not loaded")
-            raise not_found(f"unknown model {name!r}; models: {sorted(n for n, e in self.models.items())}")
+            raise not_found(f"unknown model {_shown(name)}; models: {sorted(n for n, e in self.models.items())}")
         if entry.state != READY:
             raise unavailable(f"model {name!r} is not ready ({entry.state.lower()}: {entry.reason or 'no reason'})")
         if not version:

@@ -19,7 +19,8 @@ from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from services.common.errors import ServiceError, aborts_on_error, invalid, unavailable
 from services.common.logging import log_request, safe_request_id
 from services.common.serving import (
-    Readiness,
+    SERVING,
+    Lifecycle,
     add_health_and_reflection,
     create_server,
     serve_until_terminated,
@@ -27,6 +28,7 @@ from services.common.serving import (
 )
 from services.inference.config import InferenceSettings
 from services.inference.metrics import InferenceMetrics
+from services.inference.security import add_port, auth_interceptors, describe_security
 from services.inference.model_manager import READY, ModelManager, ModelVersion
 from services.inference.tensors import classify, decode_inputs, encode_output, parse_requested_outputs
 
@@ -44,13 +46,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The RPC handlers. Every accepted request gets exactly one answer: a response or a status with a message."""
 
     def __init__(self, settings: InferenceSettings, manager: ModelManager, metrics: InferenceMetrics,
-                 readiness: Readiness):
+                 lifecycle: Lifecycle):
         self.settings = settings
         self.manager = manager
         self.metrics = metrics
-        self.readiness = readiness
-        self.draining = False
-        self.in_flight = 0
+        self.lifecycle = lifecycle
 
     # ---- health and metadata -----------------------------------------------------------------------------------
 
@@ -58,10 +58,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.readiness.ready and not self.draining)
+        return pb.ServerReadyResponse(ready=self.lifecycle.ready)
 
     async def ModelReady(self, request, context):
-        if self.draining:
+        if not self.lifecycle.ready:
             return pb.ModelReadyResponse(ready=False)
         try:
             self.manager.resolve(request.name, request.version)
@@ -196,10 +196,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
+        """One request, admitted by the server's lifecycle and counted until it is answered (a drain waits for it)."""
+        if not self.lifecycle.admitting:
+            self.metrics.record_failure(UNKNOWN, UNKNOWN, "unavailable")
+            what = "starting (models loading)" if self.lifecycle.state == "starting" else "shutting down"
+            raise unavailable(f"the inference server is {what}; retry on another replica")
+        with self.lifecycle.track():
+            return await self._admitted(request, time_remaining)
+
+    async def _admitted(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
         start = time.perf_counter()
         try:
-            if self.draining or not self.readiness.ready:
-                raise unavailable("the inference server is shutting down or not ready yet; retry on another replica")
             # No await between resolving the version and queueing in its batcher: a concurrent reload cannot
             # retire the version in between, so a request that resolved a version runs on it.
             model = self.manager.resolve(request.model_name, request.model_version)
@@ -209,7 +216,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise
         meters = model.meters
         pending = meters.pending
-        self.in_flight += 1
         pending.inc()
         try:
             inputs, rows = decode_inputs(request, model.inputs, model.max_batch_size, model.name)
@@ -227,7 +233,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             pending.dec()
-            self.in_flight -= 1
         elapsed = time.perf_counter() - start
         meters.request_seconds.observe(elapsed)
         meters.queue_seconds.observe(result.queue_s)
@@ -261,12 +266,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     code=code, reason=reason,
                     total_ms=round((time.perf_counter() - start) * 1e3, 2))
 
-    async def drain(self, grace_s: float) -> None:
-        """Stop taking requests and wait until the accepted ones are answered."""
-        self.draining = True
-        while self.in_flight:
-            await asyncio.sleep(0.01)
-
 
 
 def _timeout_parameter(request: pb.ModelInferRequest) -> int:
@@ -290,13 +289,14 @@ async def serve(settings: InferenceSettings, *, started: asyncio.Future | None =
     # onnxruntime releases the GIL while it computes; the batcher bounds concurrent runs per model by its instances.
     compute = ThreadPoolExecutor(max_workers=settings.compute_threads or 4, thread_name_prefix="onnxruntime")
     manager = ModelManager(settings, metrics, compute)
-    server = create_server(settings.max_message_bytes)
-    readiness = add_health_and_reflection(server, [SERVICE_NAME])
-    await readiness.set(False)
-    service = InferenceService(settings, manager, metrics, readiness)
+    interceptors = auth_interceptors(settings, metrics)
+    server = create_server(settings.max_message_bytes, interceptors=interceptors)
+    lifecycle = add_health_and_reflection(server, [SERVICE_NAME])
+    await lifecycle.publish()
+    service = InferenceService(settings, manager, metrics, lifecycle)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        port = add_port(server, settings)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -307,17 +307,17 @@ async def serve(settings: InferenceSettings, *, started: asyncio.Future | None =
         raise SystemExit(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {e} "
                          "(--metrics-port / CXR_INFERENCE_METRICS_PORT)") from None
     await server.start()  # live at once (ServerLive), ready only once the models are loaded and warmed up
-    log.info("listening on %s:%d (metrics on %s); loading models from %s", settings.host, port,
-             metrics_port if metrics_port >= 0 else "off", settings.repository)
+    log.info("listening on %s:%d (metrics on %s; %s); loading models from %s", settings.host, port,
+             metrics_port if metrics_port >= 0 else "off", describe_security(settings, bool(interceptors)),
+             settings.repository)
     await manager.start()
     log.info("ready: %s", ", ".join(f"{n}:{v} {s}" + (f" ({r})" if r else "") for n, v, s, r in manager.index()))
-    await readiness.set(True)
+    await lifecycle.to(SERVING)
     if started is not None and not started.done():
         started.set_result((port, metrics_port))
     try:
-        await serve_until_terminated(server, readiness, grace_period_s=settings.grace_period_s,
-                                     drain_delay_s=settings.drain_delay_s, drain=service.drain,
-                                     stop_event=stop_event)
+        await serve_until_terminated(server, lifecycle, grace_period_s=settings.grace_period_s,
+                                     drain_delay_s=settings.drain_delay_s, stop_event=stop_event)
     finally:
         await manager.close(timeout=1.0)
         compute.shutdown(wait=False, cancel_futures=True)

@@ -249,7 +249,29 @@ def build(dicom_dir: Path, cxr_raw_dir: Path) -> list[Case]:
     wiped[20:600] = b"\x00" * 580
     add("jpeg_wiped_tables", bytes(wiped), INVALID, "corrupt", "truncated")
     add("dicom_declared_png", nih_bytes, INVALID, "corrupt", fmt="png")
+
+    # ---- strict decode (issue 10): damaged entropy-coded data, images too small to read, BitsStored 0
+    add("jpeg_200_bytes_zeroed_mid_stream", zeroed_mid_stream(jpeg_bytes), INVALID, "corrupt")
+    add("dicom_jpeg_200_bytes_zeroed_mid_stream", _encapsulated(read(SIIM_JPEG), [zeroed_mid_stream(jpeg_frame)], JPEGBaseline8Bit), INVALID, "corrupt")
+    add("png_1x1", _png(np.zeros((1, 1), dtype=np.uint8)), INVALID, "too_small")
+    add("jpeg_31x256", _jpeg(small[:31]), INVALID, "too_small")
+    tiny = copy.deepcopy(nih)
+    tiny.Rows, tiny.Columns = 16, 16
+    tiny.PixelData = small[:16, :16].tobytes()
+    add("dicom_16x16", _dicom_bytes(tiny), INVALID, "too_small")
+    stored_zero = copy.deepcopy(nih)
+    stored_zero.BitsStored = 0
+    add("dicom_bits_stored_0", _dicom_bytes(stored_zero), INVALID, "unsupported_bits")
     return cases
+
+
+def zeroed_mid_stream(jpeg: bytes, count: int = 200) -> bytes:
+    """A JPEG with `count` bytes zeroed in the middle of its entropy-coded data: libjpeg decodes it into garbage
+    with only a "Corrupt JPEG data" warning."""
+    out = bytearray(jpeg)
+    middle = len(out) // 2
+    out[middle : middle + count] = b"\x00" * count
+    return bytes(out)
 
 
 def oversized(limit_bytes: int, png_bytes: bytes) -> bytes:

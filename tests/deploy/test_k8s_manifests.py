@@ -154,5 +154,37 @@ def test_environment_names_settings_the_service_has(objects, name):
     assert names
     for env in names:
         assert env.startswith(prefix) and env[len(prefix):].lower() in settings.model_fields, f"{env}: no such setting"
-    values = {e["name"][len(prefix):].lower(): e["value"] for e in container["env"] if e["name"].startswith(prefix)}
+    values = {e["name"][len(prefix):].lower(): e["value"] for e in container["env"]
+              if e["name"].startswith(prefix) and "value" in e}  # (secrets come by valueFrom)
     settings(**values)  # and the values have the right types
+
+
+def test_only_gateways_and_prometheus_reach_inference(objects):
+    policy = objects[("NetworkPolicy", "inference")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "inference"}
+    assert policy["policyTypes"] == ["Ingress"]
+    rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert set(rules) == {"grpc", "metrics"} and all(len(rule["ports"]) == 1 for rule in policy["ingress"])
+    assert rules["grpc"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}]
+    [prometheus] = rules["metrics"]
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    ports = {p["name"] for p in pod_spec(objects, "inference")["containers"][0]["ports"]}
+    assert {"grpc", "metrics"} <= ports, "the policy's named ports exist on the inference pods"
+
+
+def test_gateways_send_the_token_inference_requires(objects):
+    def secret(name: str, env: str) -> dict:
+        [container] = pod_spec(objects, name)["containers"]
+        [entry] = [e for e in container["env"] if e["name"] == env]
+        return entry["valueFrom"]["secretKeyRef"]
+
+    assert secret("inference", "CXR_INFERENCE_AUTH_TOKENS") == secret("gateway", "CXR_GATEWAY_UPSTREAM_TOKEN")
+
+
+@pytest.mark.parametrize("name,prefix", [("inference", "CXR_INFERENCE_"), ("gateway", "CXR_GATEWAY_")])
+def test_drain_delay_and_grace_fit_in_the_termination_grace_period(objects, name, prefix):
+    spec = pod_spec(objects, name)
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    delay = float(env[f"{prefix}DRAIN_DELAY_S"])
+    grace = float(env[f"{prefix}GRACE_PERIOD_S" if name == "inference" else f"{prefix}SHUTDOWN_GRACE_S"])
+    assert delay > 0 and delay + grace < spec["terminationGracePeriodSeconds"]
