@@ -9,10 +9,11 @@ from services.common.cli import add_port_file_argument, add_settings_arguments, 
 from services.inference.config import InferenceSettings
 
 FLAGS = {"load_models": "--load-model"}  # repeatable, one model each (or comma-separated)
+SECRETS = ("auth_tokens",)  # environment only: a flag would show the tokens in `ps`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_settings_arguments(parser, InferenceSettings, flags=FLAGS)
+    add_settings_arguments(parser, InferenceSettings, flags=FLAGS, exclude=SECRETS)
     add_port_file_argument(parser)
 
 
