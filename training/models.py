@@ -52,10 +52,16 @@ class CxrNet(nn.Module):
 
     def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N,C], cam [N,C,h,w]); cam.mean((2,3)) == logits."""
-        feats = self.features(x)
-        logits = self.classifier(feats.mean(dim=(2, 3)))
-        cam = torch.einsum("nfhw,cf->nchw", feats, self.classifier.weight) + self.classifier.bias.view(1, -1, 1, 1)
+        logits, cam, _ = self.forward_all(x)
         return logits, cam
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, cam, pooled features [N,F]: the head's input, which the input gate scores; training/ood.py)."""
+        feats = self.features(x)
+        pooled = feats.mean(dim=(2, 3))
+        logits = self.classifier(pooled)
+        cam = torch.einsum("nfhw,cf->nchw", feats, self.classifier.weight) + self.classifier.bias.view(1, -1, 1, 1)
+        return logits, cam, pooled
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

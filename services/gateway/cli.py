@@ -31,6 +31,7 @@ FLAGS = {
     "--upstream-ca": ("upstream_ca", Path),
     "--upstream-cert": ("upstream_cert", Path),
     "--upstream-key": ("upstream_key", Path),
+    "--gate-as-notice": ("gate_as_notice", str),
     "--model-repository": ("model_repository", Path),
     "--log-level": ("log_level", str),
 }
