@@ -4,7 +4,8 @@ exporter: the temperature (Guo et al. 2017: softmax(logits / T) calibrated), the
 Gaussians fitted on the training split (training/ood.py). Also the expected calibration error that measures T.
 
     RUN/calibration.json   {"temperature", "operating_point", "input_gate"}   (Calibration.save / Calibration.load)
-    RUN/input_gate.npz     class means, whitening matrix, the validation scores (for an ensemble's own threshold)
+    RUN/input_gate.npz     per scored block: class means, whitening matrix, validation median; the threshold; the
+                           validation scores (for an ensemble's own threshold)
 
 `cxr evaluate` fits and writes them (fit_run); `cxr export` only reads them.
 """
@@ -79,18 +80,19 @@ def fit_run(run_dir: Path, data_dir: str | None = None, target_accuracy: float |
     temperature = fit_temperature(logits, val.labels)
     point = op.fit_operating_point(softmax(logits.astype(np.float64), temperature), val.labels,
                                    op.TARGET_ACCURACY if target_accuracy is None else target_accuracy)
-    gaussians = ood.fit_gaussians(train_features, train_set.labels, len(cfg.classes))
-    val_scores = gaussians.score(val_features)
-    threshold = ood.fit_threshold(val_scores)
-    gate = {"method": ood.METHOD, "features": "pooled backbone features (the classifier head's input)",
-            "fitted_on": "class means and shared covariance (Ledoit-Wolf shrinkage) on the training split; threshold on "
-                         "the validation split", "acceptance_target": ood.ACCEPTANCE, "raw_threshold": threshold,
-            "threshold": 1.0, "val_refused": ood.refused_share(val_scores, threshold),
-            "train_images": int(len(train_set.labels)), "val_images": int(len(val.labels)),
-            "feature_dim": int(train_features.shape[1]), "shrinkage": gaussians.shrinkage,
-            "score_units": "multiples of raw_threshold: the exported ood_score is divided by it, so 1.0 is the gate"}
-    calibration = Calibration(temperature=temperature, operating_point=point, input_gate=gate)
-    calibration.save(run_dir, {**gaussians.arrays(), "val_scores": val_scores / threshold,
+    gate, val_scores = ood.fit_gate(train_features, train_set.labels, val_features, len(cfg.classes))
+    summary = {"method": ood.METHOD,
+               "features": f"spatial mean (and std, up to {ood.STD_MAX_CHANNELS} channels) of the outputs of the deeper "
+                           f"half of the backbone's blocks: {len(val_features)} blocks, "
+                           f"{sum(f.shape[1] for f in val_features)} features",
+               "fitted_on": "class means and shared covariance (Ledoit-Wolf shrinkage) on the training split; per-block "
+                            "medians and the threshold on the validation split",
+               "acceptance_target": ood.ACCEPTANCE, "raw_threshold": gate.threshold, "threshold": 1.0,
+               "val_refused": ood.refused_share(val_scores, 1.0),
+               "train_images": int(len(train_set.labels)), "val_images": int(len(val.labels)),
+               "score_units": "multiples of raw_threshold: the exported ood_score is divided by it, so 1.0 is the gate"}
+    calibration = Calibration(temperature=temperature, operating_point=point, input_gate=summary)
+    calibration.save(run_dir, {**gate.arrays(), "val_scores": val_scores,
                                "val_files": np.array([s.file for s in val.samples])})
     return calibration, logits, val, cfg
 

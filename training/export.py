@@ -53,11 +53,11 @@ class Calibrated(nn.Module):
         self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature, dtype=torch.float32))
 
     def forward(self, image: torch.Tensor):
-        logits, cam, pooled = self.net.forward_all(image)
+        logits, cam, taps = self.net.forward_all(image)
         probabilities = torch.softmax(logits * self.inv_temperature, dim=1)
         if self.gate is None:
             return probabilities, logits, cam
-        return probabilities, logits, cam, self.gate(pooled)
+        return probabilities, logits, cam, self.gate(taps)
 
 
 class Ensemble(nn.Module):
@@ -89,8 +89,7 @@ def _calibrated(run_dir: Path) -> tuple[Calibrated, TrainConfig, Calibration]:
     net, cfg = load_model(run_dir)
     gate = None
     if calibration.input_gate is not None:
-        gaussians = ood.Gaussians.from_arrays(Calibration.gate_arrays(run_dir))
-        gate = ood.score_module(gaussians, calibration.input_gate["raw_threshold"])
+        gate = ood.score_module(ood.Gate.from_arrays(Calibration.gate_arrays(run_dir)))
     else:
         log.warning("%s was evaluated before the input gate existed: exported without ood_score "
                     "(run `cxr evaluate %s` again to fit it)", run_dir, run_dir)

@@ -55,13 +55,17 @@ class CxrNet(nn.Module):
         logits, cam, _ = self.forward_all(x)
         return logits, cam
 
-    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, cam, pooled features [N,F]: the head's input, which the input gate scores; training/ood.py)."""
-        feats = self.features(x)
-        pooled = feats.mean(dim=(2, 3))
-        logits = self.classifier(pooled)
-        cam = torch.einsum("nfhw,cf->nchw", feats, self.classifier.weight) + self.classifier.bias.view(1, -1, 1, 1)
-        return logits, cam, pooled
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(logits, cam, the output of every top-level backbone block, input side first; the last is the feature map
+        the head pools). The input gate scores the deeper blocks' outputs (training/ood.py)."""
+        h = self.normalize(x)
+        taps = []
+        for block in self.backbone if isinstance(self.backbone, nn.Sequential) else [self.backbone]:
+            h = block(h)
+            taps.append(h)
+        logits = self.classifier(h.mean(dim=(2, 3)))
+        cam = torch.einsum("nfhw,cf->nchw", h, self.classifier.weight) + self.classifier.bias.view(1, -1, 1, 1)
+        return logits, cam, taps
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

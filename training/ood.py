@@ -1,11 +1,14 @@
 """The input gate's pixel check: how unlike the training radiographs an image is (out-of-distribution score).
 
-Method: the Mahalanobis distance of the pooled features (the classifier head's input) to class-conditional Gaussians
-with one shared covariance, fitted on the training split (Lee et al. 2018, "A simple unified framework for detecting
-out-of-distribution samples"). The covariance is shrunk towards a scaled identity by the Ledoit-Wolf formula: a
-network has 256 to 2048 features and the training split only a few hundred images, so the plain estimate is singular.
+Method: the Mahalanobis distance to class-conditional Gaussians with one shared covariance, fitted on the training
+split (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples"), on the features of
+several depths of the network, as Lee et al. do: for each top-level block in the deeper half of the backbone, the
+spatial mean of its output (and the spatial standard deviation, for blocks of at most STD_MAX_CHANNELS channels; the
+last block's mean is the classifier head's input). Each block's distance is divided by its median on the validation
+split, so the blocks weigh alike, and the score is their sum. Each covariance is shrunk towards a scaled identity by
+the Ledoit-Wolf formula: a block has up to 2048 features and the training split only a few hundred images.
 
-score(x) = min_c (f(x) - mu_c)^T Sigma^-1 (f(x) - mu_c) / threshold
+    score(x) = sum_l min_c (f_l(x) - mu_lc)^T Sigma_l^-1 (f_l(x) - mu_lc) / median_l / threshold
 
 The threshold is fitted on the validation split so that a stated share of real radiographs (ACCEPTANCE) scores at or
 below it, and is folded into the graph: the exported `ood_score` is in units of that threshold, so 1.0 is the fitted
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 ACCEPTANCE = 0.99  # share of the validation radiographs the fitted threshold lets through
-METHOD = "mahalanobis"
+METHOD = "mahalanobis, several depths"
+STD_MAX_CHANNELS = 512  # wider blocks contribute their mean only (a 4096-wide whitening matrix would be 64 MB)
 
 
 @dataclass
@@ -102,11 +106,69 @@ def separation_auc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
 
 
+@dataclass
+class Gate:
+    """One Gaussians per scored block, each block's validation median distance, and the fitted threshold."""
+
+    layers: list[Gaussians]
+    medians: list[float]
+    threshold: float = 1.0
+
+    def score(self, layer_features: list[np.ndarray]) -> np.ndarray:
+        """[N] in units of the threshold."""
+        total = sum(g.score(f) / m for g, m, f in zip(self.layers, self.medians, layer_features))
+        return np.asarray(total) / self.threshold
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"medians": np.array(self.medians), "threshold": np.array(self.threshold)}
+        for i, g in enumerate(self.layers):
+            out.update({f"{k}_{i}": v for k, v in g.arrays().items()})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "Gate":
+        medians = [float(m) for m in np.asarray(arrays["medians"])]
+        layers = [Gaussians.from_arrays({k: arrays[f"{k}_{i}"] for k in ("means", "whitening", "shrinkage")})
+                  for i in range(len(medians))]
+        return cls(layers, medians, float(arrays["threshold"]))
+
+
+def fit_gate(train: list[np.ndarray], train_labels: np.ndarray, val: list[np.ndarray], num_classes: int,
+             acceptance: float = ACCEPTANCE) -> tuple[Gate, np.ndarray]:
+    """Fit the Gaussians of each block on the training split, their medians and the threshold on the validation
+    split. Returns the gate and the validation scores (in units of the threshold)."""
+    layers = [fit_gaussians(f, train_labels, num_classes) for f in train]
+    medians = [max(float(np.median(g.score(v))), 1e-12) for g, v in zip(layers, val)]
+    gate = Gate(layers, medians)
+    gate.threshold = fit_threshold(gate.score(val), acceptance)
+    return gate, gate.score(val)
+
+
 # --- torch: features of a trained network, and the score as a graph module ------------------------------------------
 
 
-def forward_features(model, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [N,C], pooled features [N,F]) of uint8 [N,S,S] images, evaluation mode, no augmentation."""
+def scored_blocks(count: int) -> range:
+    """Which of a backbone's `count` top-level blocks the gate scores: the deeper half."""
+    return range(count // 2, count)
+
+
+def block_features(taps):
+    """Per scored block: [N, C] spatial mean, with the spatial standard deviation appended when C <= STD_MAX_CHANNELS."""
+    import torch
+
+    out = []
+    for i in scored_blocks(len(taps)):
+        t = taps[i]
+        mean = t.mean(dim=(2, 3))
+        if t.shape[1] <= STD_MAX_CHANNELS:
+            std = ((t - mean[:, :, None, None]) ** 2).mean(dim=(2, 3)).clamp_min(0).sqrt()
+            mean = torch.cat([mean, std], dim=1)
+        out.append(mean)
+    return out
+
+
+def forward_features(model, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(logits [N,C], the scored blocks' features [[N,D_l]]) of uint8 [N,S,S] images, evaluation mode."""
     import torch
 
     device = next(model.parameters()).device
@@ -115,30 +177,35 @@ def forward_features(model, images: np.ndarray, batch_size: int = 64) -> tuple[n
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(images[i : i + batch_size]).unsqueeze(1).to(device)
-            lg, _, pooled = model.forward_all(x)
+            lg, _, taps = model.forward_all(x)
             logits.append(lg.float().cpu().numpy())
-            features.append(pooled.float().cpu().numpy())
+            features.append([f.float().cpu().numpy() for f in block_features(taps)])
     if not logits:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return np.concatenate(logits), np.concatenate(features)
+        raise ValueError("no images to compute features of")
+    return np.concatenate(logits), [np.concatenate(layer) for layer in zip(*features)]
 
 
-def score_module(gaussians: Gaussians, threshold: float):
-    """An nn.Module: pooled features [N,F] -> ood_score [N] (squared Mahalanobis distance / threshold), float32."""
+def score_module(gate: Gate):
+    """An nn.Module: the backbone blocks' outputs (CxrNet.forward_all's taps) -> ood_score [N] float32, 1.0 = threshold."""
     import torch
     from torch import nn
 
     class MahalanobisScore(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            w = gaussians.whitening
-            self.register_buffer("whitening", torch.tensor(w, dtype=torch.float32))
-            self.register_buffer("white_means", torch.tensor(gaussians.means @ w, dtype=torch.float32))
-            self.register_buffer("inv_threshold", torch.tensor(1.0 / threshold, dtype=torch.float32))
+            for i, (g, median) in enumerate(zip(gate.layers, gate.medians)):
+                self.register_buffer(f"whitening_{i}", torch.tensor(g.whitening, dtype=torch.float32))
+                self.register_buffer(f"white_means_{i}", torch.tensor(g.means @ g.whitening, dtype=torch.float32))
+                self.register_buffer(f"scale_{i}", torch.tensor(1.0 / (median * gate.threshold), dtype=torch.float32))
+            self.count = len(gate.layers)
 
-        def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-            z = pooled @ self.whitening  # [N, F]
-            d = ((z.unsqueeze(1) - self.white_means.unsqueeze(0)) ** 2).sum(-1)  # [N, C]
-            return d.min(dim=1).values * self.inv_threshold
+        def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
+            total = None
+            for i, f in enumerate(block_features(taps)):
+                z = f @ getattr(self, f"whitening_{i}")  # [N, D]
+                d = ((z.unsqueeze(1) - getattr(self, f"white_means_{i}").unsqueeze(0)) ** 2).sum(-1)  # [N, C]
+                part = d.min(dim=1).values * getattr(self, f"scale_{i}")
+                total = part if total is None else total + part
+            return total
 
     return MahalanobisScore()
