@@ -60,15 +60,24 @@ def test_threshold_accepts_the_stated_share():
         ood.fit_threshold(np.array([]))
 
 
-def test_score_module_is_the_numpy_score_over_the_threshold():
+def test_the_graph_module_computes_the_fitted_gates_score():
+    """ood.score_module (what goes into the ONNX graph) == Gate.score in numpy, over the deeper half of the blocks."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(4)
-    train, labels = _blobs(rng, 500)
-    g = ood.fit_gaussians(train, labels, 3)
-    module = ood.score_module(g, threshold=7.0)
-    x = rng.normal(0, 2, (6, 32))
-    got = module(torch.tensor(x, dtype=torch.float32)).numpy()
-    np.testing.assert_allclose(got, g.score(x) / 7.0, rtol=1e-4)
+
+    def taps(n, shift=0.0):  # four "blocks": the gate scores the last two (mean and std of each: 2 x 8 features)
+        return [torch.tensor(rng.normal(shift, 1, (n, 8, 3, 3)), dtype=torch.float32) for _ in range(4)]
+
+    train, val, test = taps(300), taps(100), taps(7, shift=0.5)
+    labels = rng.integers(0, 3, 300)
+    features = [[f.numpy() for f in ood.block_features(t)] for t in (train, val, test)]
+    assert [f.shape for f in features[0]] == [(300, 16), (300, 16)]
+    gate, val_scores = ood.fit_gate(features[0], labels, features[1], 3)
+    assert (val_scores <= 1.0).mean() >= 0.99
+    got = ood.score_module(gate)(test).numpy()
+    np.testing.assert_allclose(got, gate.score(features[2]), rtol=1e-4)
+    restored = ood.Gate.from_arrays(gate.arrays())
+    np.testing.assert_allclose(restored.score(features[2]), gate.score(features[2]), rtol=1e-12)
 
 
 def test_operating_point_is_the_most_coverage_that_meets_the_target():
