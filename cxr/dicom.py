@@ -17,6 +17,8 @@ from cxr.imaging import DecodedImage, ImageError, ImageLimits, _to_uint8, check_
 
 # ViewPosition values (DICOM CS) that mean a lateral projection; our models were trained on frontal views.
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LL_DECUBITUS", "RL_DECUBITUS"}
+# Header facts returned with the pixels (DecodedImage.header) for the gateway's input gate to judge.
+HEADER_FACTS = ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge")
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 
@@ -110,10 +112,8 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
         pixels = 255 - pixels
         notices.append("MONOCHROME1 inverted")
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if view in LATERAL_VIEWS:
-        notices.append(f"lateral view (ViewPosition {view}): the models were trained on frontal radiographs")
-    return DecodedImage(pixels=np.ascontiguousarray(pixels), format="dicom", notices=notices)
+    header = {k: v for k in HEADER_FACTS if (v := str(ds.get(k, "") or "").strip())}
+    return DecodedImage(pixels=np.ascontiguousarray(pixels), format="dicom", notices=notices, header=header)
 
 
 def _finite(arr: np.ndarray) -> bool:

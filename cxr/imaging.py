@@ -51,6 +51,9 @@ class DecodedImage:
     pixels: np.ndarray  # uint8 [H, W]
     format: str  # "dicom", "png" or "jpeg"
     notices: list[str] = field(default_factory=list)
+    # DICOM header facts the gateway's input gate judges (cxr.dicom.HEADER_FACTS: Modality, BodyPartExamined,
+    # ViewPosition, PatientAge), stripped strings, only those present; empty for PNG/JPEG
+    header: dict[str, str] = field(default_factory=dict)
 
 
 def detect_format(data: bytes) -> str:

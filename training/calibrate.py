@@ -1,9 +1,131 @@
-"""Temperature scaling (Guo et al. 2017): one scalar T, fitted on the validation split, so that softmax(logits / T)
-is calibrated; and the expected calibration error that measures it."""
+"""What is fitted on a run's validation split after training, stored once in the run folder, and applied by the
+exporter: the temperature (Guo et al. 2017: softmax(logits / T) calibrated), the operating point of the
+"indeterminate" answer (training/operating_point.py) and the input gate's out-of-distribution threshold with its
+Gaussians fitted on the training split (training/ood.py). Also the expected calibration error that measures T.
+
+    RUN/calibration.json   {"temperature", "operating_point", "input_gate"}   (Calibration.save / Calibration.load)
+    RUN/input_gate.npz     per scored block: class means, whitening matrix, validation median; the threshold; the
+                           validation scores (for an ensemble's own threshold)
+
+`cxr evaluate` fits and writes them (fit_run); `cxr export` only reads them.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import numpy as np
+
+CALIBRATION_FILE = "calibration.json"
+GATE_FILE = "input_gate.npz"
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+@dataclass
+class Calibration:
+    """The post-training fit of one run (or of an ensemble's evaluation folder)."""
+
+    temperature: float | None  # None for an ensemble: its members are calibrated one by one
+    operating_point: dict
+    input_gate: dict | None = None  # None: no gate fitted (a run evaluated before the input gate existed)
+    members: list[str] | None = None  # an ensemble's member run folders
+
+    def save(self, folder: Path, gate_arrays: dict | None = None) -> None:
+        folder = Path(folder)
+        (folder / CALIBRATION_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        if gate_arrays is not None:
+            np.savez(folder / GATE_FILE, **gate_arrays)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Calibration":
+        """Raises FileNotFoundError (saying which command makes it) when the folder was never evaluated."""
+        path = Path(folder) / CALIBRATION_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `cxr evaluate {folder}` first (it fits the temperature, "
+                                    "the operating point and the input gate on the validation split)")
+        fields = json.loads(path.read_text())
+        return cls(temperature=fields.get("temperature"), operating_point=fields.get("operating_point") or {},
+                   input_gate=fields.get("input_gate"), members=fields.get("members"))
+
+    @staticmethod
+    def gate_arrays(folder: Path) -> dict[str, np.ndarray]:
+        with np.load(Path(folder) / GATE_FILE) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of a single model's logits."""
+        return softmax(np.asarray(logits, dtype=np.float64), self.temperature or 1.0)
+
+
+def fit_run(run_dir: Path, data_dir: str | None = None, target_accuracy: float | None = None):
+    """Fit and save a run's calibration from its best checkpoint: T and the operating point on the validation split,
+    the Gaussians on the training split and their threshold on the validation split.
+    Returns (Calibration, validation logits, validation ImageSet, TrainConfig)."""
+    from training import ood
+    from training import operating_point as op
+    from training.train import load_model, prepare_split
+
+    run_dir = Path(run_dir)
+    model, cfg = load_model(run_dir)
+    if data_dir:
+        cfg.data = str(data_dir)
+    train_set, val = prepare_split(cfg, run_dir)
+    if len(val.labels) == 0:
+        raise FileNotFoundError(f"none of {run_dir}'s validation images could be read under {cfg.data}: "
+                                "if the data moved, pass --data DIR")
+    logits, val_features = ood.forward_features(model, val.images)
+    _, train_features = ood.forward_features(model, train_set.images)
+    temperature = fit_temperature(logits, val.labels)
+    point = op.fit_operating_point(softmax(logits.astype(np.float64), temperature), val.labels,
+                                   op.TARGET_ACCURACY if target_accuracy is None else target_accuracy)
+    gate, val_scores = ood.fit_gate(train_features, train_set.labels, val_features, len(cfg.classes))
+    summary = {"method": ood.METHOD,
+               "features": f"spatial mean (and std, up to {ood.STD_MAX_CHANNELS} channels) of the outputs of the deeper "
+                           f"half of the backbone's blocks: {len(val_features)} blocks, "
+                           f"{sum(f.shape[1] for f in val_features)} features",
+               "fitted_on": "class means and shared covariance (Ledoit-Wolf shrinkage) on the training split; per-block "
+                            "medians and the threshold on the validation split",
+               "acceptance_target": ood.ACCEPTANCE, "raw_threshold": gate.threshold, "threshold": 1.0,
+               "val_refused": ood.refused_share(val_scores, 1.0),
+               "train_images": int(len(train_set.labels)), "val_images": int(len(val.labels)),
+               "score_units": "multiples of raw_threshold: the exported ood_score is divided by it, so 1.0 is the gate"}
+    calibration = Calibration(temperature=temperature, operating_point=point, input_gate=summary)
+    calibration.save(run_dir, {**gate.arrays(), "val_scores": val_scores,
+                               "val_files": np.array([s.file for s in val.samples])})
+    return calibration, logits, val, cfg
+
+
+def fit_ensemble(run_dirs: list[Path], out_dir: Path, probs: np.ndarray, val, target_accuracy: float | None = None) -> Calibration:
+    """An ensemble's own fit, saved in `out_dir`: the operating point on its mean probabilities, and the threshold of
+    its score, the largest of its members' scores (each already in units of the member's own threshold)."""
+    from training import ood
+    from training import operating_point as op
+
+    point = op.fit_operating_point(probs, val.labels, op.TARGET_ACCURACY if target_accuracy is None else target_accuracy)
+    files = [s.file for s in val.samples]
+    member_scores = []
+    for run_dir in run_dirs:
+        if Calibration.load(run_dir).input_gate is None or not (Path(run_dir) / GATE_FILE).is_file():
+            member_scores = []  # a member without a gate (evaluated before the gate existed): no gate for the ensemble
+            break
+        arrays = Calibration.gate_arrays(run_dir)
+        if [str(f) for f in arrays["val_files"]] != files:
+            raise ValueError(f"{run_dir}'s input gate was fitted on other validation images: run `cxr evaluate` on it again")
+        member_scores.append(arrays["val_scores"])
+    gate = None
+    if member_scores:
+        combined = np.max(member_scores, axis=0)
+        threshold = ood.fit_threshold(combined)
+        gate = {"method": f"max over the members of their {ood.METHOD} ood_score (each in units of its own threshold)",
+                "fitted_on": "the threshold of the maximum on the validation split", "acceptance_target": ood.ACCEPTANCE,
+                "raw_threshold": threshold, "threshold": 1.0, "val_refused": ood.refused_share(combined, threshold),
+                "val_images": int(len(files)), "members": [str(r) for r in run_dirs],
+                "score_units": "multiples of raw_threshold: the exported ood_score is divided by it, so 1.0 is the gate"}
+    calibration = Calibration(temperature=None, operating_point=point, input_gate=gate, members=[str(r) for r in run_dirs])
+    calibration.save(out_dir)
+    return calibration
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -19,21 +141,15 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """T minimising the validation negative log-likelihood: coarse log-grid, then golden-section refinement."""
+    """T minimising the validation negative log-likelihood (scipy's bounded scalar minimiser over log T)."""
+    from scipy.optimize import minimize_scalar
+
     if len(labels) == 0:
         return 1.0
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
-    losses = [nll(logits, labels, t) for t in grid]
-    i = int(np.argmin(losses))
-    lo, hi = np.log(grid[max(i - 1, 0)]), np.log(grid[min(i + 1, len(grid) - 1)])
-    golden = (np.sqrt(5) - 1) / 2
-    for _ in range(40):
-        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-        if nll(logits, labels, np.exp(a)) < nll(logits, labels, np.exp(b)):
-            hi = b
-        else:
-            lo = a
-    return float(np.exp((lo + hi) / 2))
+    lo, hi = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
+    result = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=(lo, hi),
+                             method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(result.x))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:

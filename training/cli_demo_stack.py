@@ -72,6 +72,7 @@ def _train_demo_model(args: argparse.Namespace, repository: Path, work: Path) ->
     run_dir = work / "runs" / "custom_cnn"
     _check(_cxr("train", "--data", str(data), "--arch", "custom_cnn", "--out", str(run_dir),
                 "--epochs", str(args.epochs), "--image-size", str(args.image_size)))
+    _check(_cxr("evaluate", str(run_dir)))  # fits the temperature, operating point and input gate that export packages
     _step(f"exporting to {repository}")
     _check(_cxr("export", str(run_dir), "--repository", str(repository)))
     return "custom_cnn", data

@@ -1,4 +1,6 @@
-"""`cxr export RUN_DIR --repository DIR [--name NAME]`, or `cxr export --ensemble RUN_A RUN_B ... --repository DIR`."""
+"""`cxr export RUN_DIR --repository DIR [--name NAME]`, or `cxr export --ensemble RUN_A RUN_B ... --repository DIR`.
+
+Packages what `cxr evaluate` fitted (temperature, operating point, input gate); it evaluates nothing itself."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="model name (default: the architecture; 'ensemble' with --ensemble)")
     parser.add_argument("--data", default=None, help="image folder, if it moved since training (for the parity check)")
     parser.add_argument("--ensemble", action="store_true", help="export the runs as ONE model averaging their probabilities")
+    parser.add_argument("--evaluation", default=None, help="with --ensemble: the folder `cxr evaluate --ensemble` wrote "
+                        "(default: ensemble/ beside the runs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--name names one model: give one run (or use --ensemble)")
     try:
         if args.ensemble:
-            print(export_ensemble(runs, repo, args.name or "ensemble", args.data))
+            print(export_ensemble(runs, repo, args.name or "ensemble", args.data, args.evaluation))
         else:
             for r in runs:
                 print(export_run(r, repo, args.name, args.data))

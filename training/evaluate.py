@@ -208,14 +208,15 @@ def validation_predictions(run_dir: Path, data_dir: str | None = None):
     return predict_logits(model, val.images), val, cfg
 
 
-def evaluate_run(run_dir: Path, data_dir: str | None = None, plots: bool = True) -> dict:
-    """Evaluate one run: writes calibration.json, metrics.json and the PNG plots into the run folder."""
+def evaluate_run(run_dir: Path, data_dir: str | None = None, plots: bool = True, target_accuracy: float | None = None) -> dict:
+    """Evaluate one run: fits its calibration (training/calibrate.py: calibration.json, input_gate.npz), writes
+    metrics.json and the PNG plots into the run folder."""
     run_dir = Path(run_dir)
-    logits, val, cfg = validation_predictions(run_dir, data_dir)
-    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources)
+    calibration, logits, val, cfg = C.fit_run(run_dir, data_dir, target_accuracy)
+    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, temperature=calibration.temperature)
+    metrics.update(operating_point=calibration.operating_point, input_gate=calibration.input_gate)
     history = json.loads((run_dir / "history.json").read_text())
     metrics.update(_run_facts(run_dir, cfg, history, val))
-    (run_dir / "calibration.json").write_text(json.dumps({"temperature": metrics["temperature"]}, indent=2) + "\n")
     _write(run_dir, metrics, val.labels, C.softmax(logits.astype(np.float64)),
            C.softmax(logits.astype(np.float64), metrics["temperature"]), cfg.classes, history, cfg.architecture, plots)
     np.save(run_dir / "val_logits.npy", logits)
@@ -253,10 +254,16 @@ def _write(out: Path, metrics: dict, labels, raw, calibrated, classes, history, 
     plot_roc(labels, calibrated, classes, out / "roc.png", title)
     plot_confusion(metrics["confusion_matrix"], classes, out / "confusion_matrix.png", title)
     plot_reliability(labels, raw, calibrated, out / "reliability.png", title)
+    if metrics.get("operating_point"):
+        from training.operating_point import plot_coverage
+
+        plot_coverage(calibrated, labels, metrics["operating_point"], out / "coverage.png", title, NOT_CLINICAL)
 
 
-def evaluate_ensemble(run_dirs: list[Path], out_dir: Path, data_dir: str | None = None, plots: bool = True) -> dict:
-    """The ensemble's metrics: the mean of the members' calibrated probabilities, on their shared validation split."""
+def evaluate_ensemble(run_dirs: list[Path], out_dir: Path, data_dir: str | None = None, plots: bool = True,
+                      target_accuracy: float | None = None) -> dict:
+    """The ensemble's metrics: the mean of the members' calibrated probabilities, on their shared validation split.
+    Its own operating point and input-gate threshold are fitted too and saved in `out_dir` (what export reads)."""
     members, first = [], None
     for run_dir in run_dirs:
         logits, val, cfg = validation_predictions(Path(run_dir), data_dir)
@@ -278,6 +285,9 @@ def evaluate_ensemble(run_dirs: list[Path], out_dir: Path, data_dir: str | None 
                     "evaluated_on": "validation split shared by all members",
                     "epochs_run": None, "wall_seconds": None, "train_images_per_second": None})
     metrics["ece_before"] = C.expected_calibration_error(C.softmax(logits.astype(np.float64)), val.labels)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    calibration = C.fit_ensemble(list(map(Path, run_dirs)), Path(out_dir), probs, val, target_accuracy)
+    metrics.update(operating_point=calibration.operating_point, input_gate=calibration.input_gate)
     _write(Path(out_dir), metrics, val.labels, C.softmax(logits.astype(np.float64)), probs, cfg.classes, [], "ensemble", plots)
     return metrics
 

@@ -52,10 +52,20 @@ class CxrNet(nn.Module):
 
     def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N,C], cam [N,C,h,w]); cam.mean((2,3)) == logits."""
-        feats = self.features(x)
-        logits = self.classifier(feats.mean(dim=(2, 3)))
-        cam = torch.einsum("nfhw,cf->nchw", feats, self.classifier.weight) + self.classifier.bias.view(1, -1, 1, 1)
+        logits, cam, _ = self.forward_all(x)
         return logits, cam
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(logits, cam, the output of every top-level backbone block, input side first; the last is the feature map
+        the head pools). The input gate scores the deeper blocks' outputs (training/ood.py)."""
+        h = self.normalize(x)
+        taps = []
+        for block in self.backbone if isinstance(self.backbone, nn.Sequential) else [self.backbone]:
+            h = block(h)
+            taps.append(h)
+        logits = self.classifier(h.mean(dim=(2, 3)))
+        cam = torch.einsum("nfhw,cf->nchw", h, self.classifier.weight) + self.classifier.bias.view(1, -1, 1, 1)
+        return logits, cam, taps
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

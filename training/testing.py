@@ -6,7 +6,7 @@ small subset of real radiographs at 64x64, exported exactly as `cxr export` does
         mobilenet/1, resnet50/1
         ensemble/1                   one graph averaging custom_cnn (v1's run), mobilenet and resnet50
 
-Every model: input `image` uint8 [N,1,64,64], outputs probabilities/logits [N,3], cam [N,3,2,2]. Tiny training:
+Every model: input `image` uint8 [N,1,64,64], outputs probabilities/logits [N,3], cam [N,3,2,2], ood_score [N]. Tiny training:
 the accuracy is low and means nothing; the files, layout and graphs are real.
 """
 
@@ -19,6 +19,7 @@ TEST_IMAGES_PER_CLASS = 30
 
 
 def build_test_repository(data_dir: str | Path, out_dir: str | Path) -> Path:
+    from training.evaluate import evaluate_ensemble, evaluate_run
     from training.export import export_ensemble, export_run
     from training.train import TrainConfig, train
 
@@ -31,11 +32,14 @@ def build_test_repository(data_dir: str | Path, out_dir: str | Path) -> Path:
                           max_per_class=TEST_IMAGES_PER_CLASS, batch_size=16, seed=0)
         runs[key] = out_dir / "runs" / key
         train(cfg, runs[key], resume=False)
+        evaluate_run(runs[key], plots=False)  # fits what export packages: temperature, operating point, input gate
+    members = [runs["custom_cnn"], runs["mobilenet"], runs["resnet50"]]
+    evaluate_ensemble(members, out_dir / "runs" / "ensemble", plots=False)
     export_run(runs["custom_cnn"], repo)
     export_run(runs["custom_cnn_v2"], repo, "custom_cnn")
     export_run(runs["mobilenet"], repo)
     export_run(runs["resnet50"], repo)
-    export_ensemble([runs["custom_cnn"], runs["mobilenet"], runs["resnet50"]], repo)
+    export_ensemble(members, repo, evaluation=out_dir / "runs" / "ensemble")
     return repo
 
 

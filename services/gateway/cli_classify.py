@@ -58,12 +58,16 @@ def _table(rows: list[tuple[Path, object]]) -> str:
     if not rows:
         return ""
     classes = [c.label for c in rows[0][1].classes]
-    header = ["file", "model", "version", "top class", *classes, "total ms"]
+    header = ["file", "model", "version", "answer", "top class", *classes, "ood score", "total ms"]
     lines = [header]
     for path, r in rows:
         probabilities = {c.label: c.probability for c in r.classes}
-        lines.append([path.name, r.model_name, r.model_version, f"{r.top_class} ({r.top_probability:.3f})",
-                      *[f"{probabilities.get(c, float('nan')):.3f}" for c in classes], f"{r.timings.total_ms:.1f}"])
+        ood = f"{r.ood_score:.2f}" if r.HasField("ood_score") else "-"
+        if r.HasField("ood_threshold"):
+            ood += f" (gate {r.ood_threshold:.2f})"
+        lines.append([path.name, r.model_name, r.model_version, "indeterminate" if r.indeterminate else r.top_class,
+                      f"{r.top_class} ({r.top_probability:.3f})",
+                      *[f"{probabilities.get(c, float('nan')):.3f}" for c in classes], ood, f"{r.timings.total_ms:.1f}"])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     out = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in lines]
     notices = sorted({n for _, r in rows for n in r.notices})

@@ -68,6 +68,8 @@ class GatewaySettings(BaseSettings):
     auth_tokens: str = ""
     """Accepted bearer tokens, comma-separated (e.g. from a secret): enables token authentication."""
 
+    gate_as_notice: str = ""
+    """Input-gate reasons answered with a notice instead of a refusal: comma-separated (not_radiograph, not_chest, lateral_view, out_of_distribution) or all."""
     model_repository: Path | None = None
     """Optional model repository the gateway can read: model card metrics and sha256 (for Triton upstreams)."""
     log_level: str = "INFO"

@@ -25,6 +25,7 @@ from services.common.errors import ServiceError, aborts_on_error
 from services.common.logging import log_request
 from services.common.serving import Lifecycle
 from services.gateway.config import GatewaySettings
+from services.gateway import input_gate
 from services.gateway.decode_pool import DecodePool
 from services.gateway.heatmap import overlay_png
 from services.gateway.metrics import GatewayMetrics
@@ -79,6 +80,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.executor = ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="decode")
         self.decode_pool = DecodePool(settings.decode_processes, self.limits) if settings.decode_processes > 0 else None
         self._in_flight = 0
+        self.gate_as_notice = input_gate.parse_notice_only(settings.gate_as_notice)
         self._model_cards: dict[tuple[str, str], dict] = {}  # a version folder never changes: read each card once
         # PIL's own bomb guard must not undercut a larger configured limit (ours is checked first anyway)
         from PIL import Image
@@ -221,6 +223,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.metrics.decode_seconds.labels(decoded.format).observe(decode_s)
         self.metrics.input_bytes.labels(decoded.format).observe(len(request.image))
         self.metrics.input_pixels.labels(decoded.format).observe(decoded.pixels.size)
+        gate_notices = self._gate(input_gate.header_refusals(decoded.header))  # refused before any inference
 
         spec = await self.upstream.model(name, version, deadline)
         trace.model = spec.name
@@ -233,7 +236,8 @@ class GatewayService(pb_grpc.GatewayServicer):
         upstream_s = time.perf_counter() - upstream_started
         trace.version, trace.ms["upstream_ms"] = result.model_version, _ms(upstream_s)
         self.metrics.upstream_seconds.labels(spec.name).observe(upstream_s)
-        response = self._response(request, trace, spec, decoded, result)
+        gate_notices += self._gate_pixels(spec, result)
+        response = self._response(request, trace, spec, decoded, result, gate_notices)
         response.timings.decode_ms, response.timings.preprocess_ms = trace.ms["decode_ms"], trace.ms["preprocess_ms"]
         response.timings.inference_ms = trace.ms["upstream_ms"]
         if request.return_heatmap:
@@ -254,13 +258,36 @@ class GatewayService(pb_grpc.GatewayServicer):
             raise self._refusal(exc) from None
         return decoded, time.perf_counter() - started
 
+    def _gate(self, refusals: list[input_gate.Refusal]) -> list[str]:
+        """Raise the first refusal the settings do not turn into a notice; return the notices of the others."""
+        notices = []
+        for refusal in refusals:
+            if refusal.reason not in self.gate_as_notice:
+                self.metrics.image_errors.labels(refusal.reason).inc()
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, refusal.message, refusal.reason)
+            self.metrics.gate_notices.labels(refusal.reason).inc()
+            notices.append(refusal.notice)
+        return notices
+
+    def _gate_pixels(self, spec: ModelSpec, result: InferResult) -> list[str]:
+        """The out-of-distribution check on the model's own score (models without one are served with a notice)."""
+        if result.ood_score is None:
+            return [input_gate.NO_GATE_NOTICE]
+        self.metrics.ood_score.labels(spec.name).observe(result.ood_score)
+        if spec.ood_threshold is None:
+            return ["no input-gate threshold for this model (config parameter cxr.ood_threshold missing): the "
+                    "ood_score is returned but nothing is refused"]
+        refusal = input_gate.ood_refusal(result.ood_score, spec.ood_threshold)
+        return self._gate([refusal] if refusal else [])
+
     def _refusal(self, exc: ImageError) -> ServiceError:
         self.metrics.image_errors.labels(exc.reason).inc()
         # every unreadable or oversized image (bombs included) is the caller's to fix: INVALID_ARGUMENT, as issue 4
         # asks; RESOURCE_EXHAUSTED stays for load (busy, queue full) and for gRPC's own message-size limit
         return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"image refused ({exc.reason}): {exc}", exc.reason)
 
-    def _response(self, request, trace: _Trace, spec: ModelSpec, decoded: DecodedImage, result: InferResult) -> pb.ClassifyResponse:
+    def _response(self, request, trace: _Trace, spec: ModelSpec, decoded: DecodedImage, result: InferResult,
+                  gate_notices: list[str]) -> pb.ClassifyResponse:
         probabilities = result.probabilities
         top = int(np.argmax(probabilities))
         response = pb.ClassifyResponse(
@@ -276,6 +303,21 @@ class GatewayService(pb_grpc.GatewayServicer):
         for label, p in zip(spec.classes, probabilities):
             response.classes.add(label=label, probability=float(p))
         response.notices.extend(decoded.notices)
+        response.notices.extend(gate_notices)
+        if result.ood_score is not None:
+            response.ood_score = result.ood_score
+        if spec.ood_threshold is not None and result.ood_score is not None:
+            response.ood_threshold = spec.ood_threshold
+        if spec.operating_point is not None:
+            response.operating_point = spec.operating_point
+            if response.top_probability < spec.operating_point:
+                response.indeterminate = True
+                self.metrics.indeterminate.labels(spec.name).inc()
+                response.notices.append(f"indeterminate: the top probability {response.top_probability:.2f} is below "
+                                        f"the model's operating point {spec.operating_point:.2f}; read every class's "
+                                        "probability, not the top class")
+        if (notice := input_gate.age_notice(decoded.header)) is not None:
+            response.notices.append(notice)
         if spec.synthetic_demo:
             response.notices.append(SYNTHETIC_DEMO)
         response.notices.append(NOT_FOR_CLINICAL_USE)

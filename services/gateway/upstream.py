@@ -31,7 +31,7 @@ from services.gateway.replicas import ReplicaHung, ReplicaSet
 
 log = logging.getLogger("cxr.gateway.upstream")
 
-PROBABILITIES, CAM = "probabilities", "cam"
+PROBABILITIES, CAM, OOD_SCORE = "probabilities", "cam", "ood_score"
 # Status codes passed through to the gateway's caller as they are; anything else is the gateway's INTERNAL.
 PASSED_THROUGH = {
     grpc.StatusCode.NOT_FOUND,
@@ -60,6 +60,8 @@ class ModelSpec:
     outputs: frozenset[str]
     synthetic_demo: bool = False
     architecture: str = ""
+    ood_threshold: float | None = None  # config parameter cxr.ood_threshold (the input gate; with an ood_score output)
+    operating_point: float | None = None  # config parameter cxr.operating_point (below it: indeterminate)
     fetched_at: float = field(default_factory=time.monotonic, compare=False)
 
 
@@ -69,11 +71,21 @@ class InferResult:
     cam: np.ndarray | None  # float32 [C, h, w]
     model_version: str
     model_sha256: str
+    ood_score: float | None = None  # the model's ood_score output, when it has one
 
 
 def _parameter(config, key: str) -> str:
     param = config.parameters.get(key)
     return param.string_value if param is not None else ""
+
+
+def _float_parameter(config, key: str) -> float | None:
+    """A numeric config parameter; None when absent or not a finite number."""
+    try:
+        value = float(_parameter(config, key)) if config is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and np.isfinite(value) else None
 
 
 def _square_size(shape) -> int:
@@ -250,6 +262,8 @@ class InferenceClient:
             outputs=outputs,
             synthetic_demo=config is not None and _parameter(config, "cxr.synthetic_demo").lower() == "true",
             architecture=_parameter(config, "cxr.architecture") if config is not None else "",
+            ood_threshold=_float_parameter(config, "cxr.ood_threshold"),
+            operating_point=_float_parameter(config, "cxr.operating_point"),
         )
         self._cache[key] = spec
         return spec
@@ -281,6 +295,8 @@ class InferenceClient:
         request.outputs.add().name = PROBABILITIES
         if want_cam and CAM in spec.outputs:
             request.outputs.add().name = CAM
+        if OOD_SCORE in spec.outputs:
+            request.outputs.add().name = OOD_SCORE
         try:
             response = await self._call("ModelInfer", request, deadline)
         except UpstreamError as exc:
@@ -300,7 +316,9 @@ class InferenceClient:
         if cam is not None:
             cam = cam.reshape(cam.shape[-3:])
         sha = response.parameters.get("model_sha256")
+        ood = tensors.get(OOD_SCORE)
         return InferResult(
+            ood_score=float(ood.reshape(-1)[0]) if ood is not None and ood.size == 1 else None,
             probabilities=probabilities.astype(np.float32),
             cam=cam,
             model_version=response.model_version or version,

@@ -92,12 +92,19 @@ def test_monochrome1_inversion_of_a_16_bit_file(dicom_dir: Path):
     assert np.array_equal(decoded.pixels.astype(int), 255 - mono2)
 
 
-@pytest.mark.parametrize("view,lateral", [("LL", True), ("RL", True), ("LATERAL", True), ("PA", False), ("AP", False)])
-def test_lateral_view_notice_from_view_position(dicom_dir: Path, view: str, lateral: bool):
+def test_dicom_header_facts_for_the_input_gate(dicom_dir: Path):
     ds = pydicom.dcmread(dicom_dir / corpus.NIH)
-    ds.ViewPosition = view
-    notices = read_image(_dicom_bytes(ds)).notices
-    assert any(n.startswith("lateral view") for n in notices) == lateral
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition, ds.PatientAge = "DX", " CHEST ", "LL", "012Y"
+    ds.PatientName = "Doe^Jane"  # never among the facts
+    decoded = read_image(_dicom_bytes(ds))
+    assert decoded.header == {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "LL", "PatientAge": "012Y"}
+    del ds.BodyPartExamined, ds.ViewPosition, ds.PatientAge
+    assert read_image(_dicom_bytes(ds)).header == {"Modality": "DX"}  # only the facts present
+
+
+def test_png_has_no_header_facts(cxr_raw_dir: Path):
+    path = sorted((cxr_raw_dir / "Normal").glob("*.png"))[0]
+    assert read_image(path.read_bytes()).header == {}
 
 
 def test_unusable_window_falls_back_to_full_range(dicom_dir: Path):

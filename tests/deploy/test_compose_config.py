@@ -156,21 +156,21 @@ def test_grafana_is_provisioned_from_the_repository(services):
 
 
 def test_trainer_command_uses_flags_our_cli_accepts(services):
-    """The trainer profile's shell command parses with `cxr`'s own argument parsers (train, then export)."""
+    """The trainer profile's shell command parses with `cxr`'s own argument parsers (train, evaluate, then export)."""
     import shlex
 
     from cxr.cli import SUBCOMMANDS, build_parser
 
     [script] = services["trainer"]["command"]
     steps = [shlex.split(step) for step in script.split("&&")]
-    assert [step[:2] for step in steps] == [["cxr", "train"], ["cxr", "export"], ["cxr", "export"]]
+    assert [step[:2] for step in steps] == [["cxr", "train"], ["cxr", "evaluate"], ["cxr", "export"], ["cxr", "export"]]
     for step in steps:
         module = SUBCOMMANDS[step[1]][0]
         args = build_parser(load=module).parse_args(step[1:])  # exits (SystemExit) on an unknown flag
         assert args.command == step[1]
     train = build_parser(load=SUBCOMMANDS["train"][0]).parse_args(steps[0][1:])
     assert (train.data, train.arch) == ("/data", "all")
-    export = build_parser(load=SUBCOMMANDS["export"][0]).parse_args(steps[2][1:])
+    export = build_parser(load=SUBCOMMANDS["export"][0]).parse_args(steps[3][1:])
     assert export.ensemble and export.repository in ("/models", Path("/models"))
     assert volumes(services["trainer"])["/data"]["read_only"]
 

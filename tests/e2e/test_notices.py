@@ -1,4 +1,4 @@
-"""Notices a person must see: lateral view (from ViewPosition), and the synthetic-demo warning for models trained
+"""Notices a person must see: a lateral view (from ViewPosition) is refused, and the synthetic-demo warning for models trained
 on phantoms (config parameter cxr.synthetic_demo), always alongside "not for clinical use"."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pydicom
+import pytest
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from cxr.generated.cxr.v1 import gateway_pb2_grpc
@@ -26,12 +27,16 @@ def _lateral(dicom_dir: Path) -> bytes:
     return out.getvalue()
 
 
-def test_lateral_view_notice(gateway_stub, dicom_dir: Path):
-    response = gateway_stub.Classify(pb.ClassifyRequest(image=_lateral(dicom_dir)), timeout=60)
-    assert any(n.startswith("lateral view (ViewPosition LL)") for n in response.notices)
-    assert any(n.startswith("not for clinical use") for n in response.notices)
+def test_lateral_view_is_refused(gateway_stub, dicom_dir: Path):
+    """ViewPosition lateral: refused by the input gate (`--gate-as-notice lateral_view` answers it with a notice,
+    tests/e2e/test_input_gate.py)."""
+    with pytest.raises(grpc.RpcError) as info:
+        gateway_stub.Classify(pb.ClassifyRequest(image=_lateral(dicom_dir)), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("image refused (lateral_view): ViewPosition LL is a lateral view")
     frontal = gateway_stub.Classify(pb.ClassifyRequest(image=(dicom_dir / NIH).read_bytes()), timeout=60)
-    assert not any(n.startswith("lateral view") for n in frontal.notices)
+    assert not any("lateral" in n for n in frontal.notices)
+    assert any(n.startswith("not for clinical use") for n in frontal.notices)
 
 
 def test_synthetic_demo_model_says_so(trained_repository: Path, dicom_dir: Path, tmp_path: Path):

@@ -56,9 +56,14 @@ def test_evaluate_reports_everything_and_compares_runs(trained_repository, capsy
         assert sum(v["n"] for v in m["per_source"].values()) == m["n"] == sum(map(sum, m["confusion_matrix"]))
         lo, hi = m["ci95"]["accuracy"]
         assert lo <= m["accuracy"] <= hi
-        for png in ("curves.png", "roc.png", "confusion_matrix.png", "reliability.png"):
+        for png in ("curves.png", "roc.png", "confusion_matrix.png", "reliability.png", "coverage.png"):
             assert (runs / n / png).stat().st_size > 1000
-    assert json.loads((runs / "ensemble" / "metrics.json").read_text())["model"] == "ensemble"
+        point = m["operating_point"]
+        assert 0 < point["coverage"] <= 1 and 0 <= point["min_top_probability"] <= 1
+        assert m["input_gate"]["acceptance_target"] == 0.99 and m["input_gate"]["val_refused"] <= 0.1
+    ensemble = json.loads((runs / "ensemble" / "metrics.json").read_text())
+    assert ensemble["model"] == "ensemble" and ensemble["operating_point"]["n"] == ensemble["n"]
+    assert (runs / "ensemble" / "coverage.png").stat().st_size > 1000
     table = table_path.read_text().splitlines()
     assert table[0].startswith("| Model | Val Accuracy") and "ROC AUC" in table[0] and "| F1 |" in table[0]
     assert [row.split("|")[1].strip() for row in table[2:]] == ["custom_cnn", "mobilenet", "resnet50", "ensemble"]
@@ -108,7 +113,10 @@ def test_evaluate_and_export_after_the_data_moved(trained_repository, cxr_raw_di
     (run / "config.json").write_text(json.dumps(cfg))
     assert main(["evaluate", str(run)]) == 2
     assert "pass --data" in capsys.readouterr().out
-    assert main(["export", str(run), "--repository", str(tmp_path / "repo")]) == 1
+    # export packages what evaluate fitted, and evaluates nothing itself: an unevaluated run is refused
+    assert main(["export", str(run), "--repository", str(tmp_path / "repo"), "--data", str(cxr_raw_dir)]) == 1
+    assert "cxr evaluate" in capsys.readouterr().out
     assert not (tmp_path / "repo" / "custom_cnn").exists()
+    assert main(["evaluate", str(run), "--data", str(cxr_raw_dir)]) == 0
     assert main(["export", str(run), "--repository", str(tmp_path / "repo"), "--data", str(cxr_raw_dir)]) == 0
     assert repository.list_versions(tmp_path / "repo" / "custom_cnn") == [1]

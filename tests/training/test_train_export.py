@@ -17,6 +17,7 @@ from cxr import repository
 from cxr.imaging import load_for_model
 from training import data as D
 from training.calibrate import softmax
+from training.evaluate import evaluate_run
 from training.export import Calibrated, ExportError, check_parity, export_run, to_onnx
 from training.train import TrainConfig, load_model, train
 
@@ -41,7 +42,9 @@ def test_repository_layout_and_versions(trained_repository):
         config = repository.read_config(model_dir)
         assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
         assert [i.name for i in config.input] == ["image"] and list(config.input[0].dims) == [1, 64, 64]
-        assert [o.name for o in config.output] == ["probabilities", "logits", "cam"]
+        assert [o.name for o in config.output] == ["probabilities", "logits", "cam", "ood_score"]
+        assert config.parameters["cxr.ood_threshold"].string_value == "1.0"
+        assert 0 <= float(config.parameters["cxr.operating_point"].string_value) <= 1
         assert config.parameters["cxr.classes"].string_value == ",".join(CLASSES)
         assert config.parameters["cxr.image_size"].string_value == "64"
         assert config.parameters["cxr.synthetic_demo"].string_value == "false"
@@ -55,6 +58,8 @@ def test_repository_layout_and_versions(trained_repository):
             assert card["onnx"]["parity"]["images"] == 16
             assert 0 <= card["metrics"]["accuracy"] <= 1 and set(card["metrics"]["per_source"]) == {"nih", "kermany"}
             assert card["split"]["patient_disjoint"] is True and card["data_source"]["folder"] == "cxr-raw"
+            assert card["input_gate"]["acceptance_target"] == 0.99 and card["input_gate"]["threshold"] == 1.0
+            assert card["operating_point"]["n"] == card["metrics"]["n"] and "ood_score" in card["outputs"]
     a, b = (repository.sha256_file(repo / "custom_cnn" / v / "model.onnx") for v in ("1", "2"))
     assert a != b
 
@@ -71,8 +76,9 @@ def test_graph_contract_on_real_images(trained_repository, cxr_raw_dir, name):
     assert not isinstance(inp.shape[0], int)  # dynamic batch axis
     images = _val_images(cxr_raw_dir)
     for batch in (images, images[:1]):
-        probs, logits, cam = session.run(["probabilities", "logits", "cam"], {"image": batch})
+        probs, logits, cam, ood_score = session.run(["probabilities", "logits", "cam", "ood_score"], {"image": batch})
         assert probs.shape == logits.shape == (len(batch), 3) and cam.shape == (len(batch), 3, 2, 2)
+        assert ood_score.shape == (len(batch),) and ood_score.dtype == np.float32 and (ood_score >= 0).all()
         np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     if name != "ensemble":  # probabilities are the calibrated softmax of the logits, T from the model card
         card = repository.read_model_card(trained_repository / name / "1")
@@ -87,6 +93,9 @@ def test_ensemble_is_the_mean_of_its_members(trained_repository, cxr_raw_dir):
     for i in range(3):  # probabilities, logits, cam
         np.testing.assert_allclose(ensemble[i], np.mean([o[i] for o in outs], axis=0), atol=1e-5)
     card = repository.read_model_card(trained_repository / "ensemble" / "1")
+    # ood_score: the largest member score over the ensemble's own threshold (fitted on the same validation split)
+    np.testing.assert_allclose(ensemble[3], np.max([o[3] for o in outs], axis=0) / card["input_gate"]["raw_threshold"],
+                               rtol=1e-4)
     assert [m["architecture"] for m in card["members"]] == ["custom_cnn", "mobilenet", "resnet50"]
 
 
@@ -105,6 +114,9 @@ def test_export_refuses_a_version_with_another_input_size(trained_repository, cx
     shutil.copytree(trained_repository / "custom_cnn", repo / "custom_cnn")
     run_dir = tmp_path / "run96"
     train(TrainConfig(data=str(cxr_raw_dir), architecture="custom_cnn", image_size=96, epochs=1, max_per_class=8), run_dir)
+    with pytest.raises(ExportError, match="cxr evaluate"):  # export evaluates nothing itself
+        export_run(run_dir, repo)
+    evaluate_run(run_dir, plots=False)
     with pytest.raises(ExportError, match="another --name"):
         export_run(run_dir, repo)
     assert repository.list_versions(repo / "custom_cnn") == [1, 2]
@@ -114,6 +126,7 @@ def test_export_refuses_a_version_with_another_input_size(trained_repository, cx
 def test_mobilenet_v2_short_run_exports_with_parity(cxr_raw_dir, tmp_path):
     run_dir = tmp_path / "mnv2"
     train(TrainConfig(data=str(cxr_raw_dir), architecture="mobilenet_v2", image_size=64, epochs=1, max_per_class=10), run_dir)
+    evaluate_run(run_dir, plots=False)
     version_dir = export_run(run_dir, tmp_path / "repo")
     card = repository.read_model_card(version_dir)
     assert card["architecture"] == "mobilenet_v2" and card["onnx"]["parity"]["max_abs_diff"]["probabilities"] < 1e-4
@@ -162,3 +175,38 @@ def test_transfer_learning_from_a_weights_file_freezes_then_fine_tunes_the_top(c
     after = torch.load(run / "last.pt", weights_only=False)["model"]
     assert torch.equal(after[first_conv], source["features.0.0.weight"])
     assert not torch.equal(after[last_conv], source["features.16.0.weight"])
+
+
+def test_an_older_repository_config_gets_the_new_output_and_parameters(trained_repository, tmp_path):
+    """A config.pbtxt written before the input gate (no ood_score output, no fitted parameters) is brought up to date
+    by the next export, keeping the operator's other edits."""
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repository / "custom_cnn", repo / "custom_cnn")
+    config = repository.read_config(repo / "custom_cnn")
+    del config.output[3]
+    for key in ("cxr.ood_threshold", "cxr.operating_point"):
+        del config.parameters[key]
+    config.dynamic_batching.max_queue_delay_microseconds = 1234  # an operator's edit
+    repository.write_config(repo / "custom_cnn", config)
+    export_run(trained_repository.parent / "runs" / "custom_cnn", repo)
+    config = repository.read_config(repo / "custom_cnn")
+    assert [o.name for o in config.output] == ["probabilities", "logits", "cam", "ood_score"]
+    assert config.parameters["cxr.ood_threshold"].string_value == "1.0" and "cxr.operating_point" in config.parameters
+    assert config.dynamic_batching.max_queue_delay_microseconds == 1234
+
+
+def test_the_graph_refuses_clearly_off_inputs_and_accepts_its_validation_radiographs(trained_repository, cxr_raw_dir):
+    """Even the tiny fixture model (64 px, one epoch) scores noise and flat images far above its threshold, and its
+    own validation radiographs at or below it (to the fitted 99%)."""
+    from training import gate_corpus
+    from training.calibrate import Calibration
+
+    run = trained_repository.parent / "runs" / "custom_cnn"
+    session = _session(trained_repository, "custom_cnn", 1)
+    off = [load_for_model(data, 64) for _, data in gate_corpus.noise() + gate_corpus.gradients()]
+    (scores,) = session.run(["ood_score"], {"image": np.stack(off)[:, None]})
+    assert (scores > 1.0).mean() >= 0.9, scores
+    files = [str(f) for f in Calibration.gate_arrays(run)["val_files"]]
+    val = np.stack([load_for_model(cxr_raw_dir / f, 64) for f in files])[:, None]
+    (val_scores,) = session.run(["ood_score"], {"image": val})
+    assert (val_scores > 1.0 + 1e-4).mean() <= 0.01 + 1 / len(files)

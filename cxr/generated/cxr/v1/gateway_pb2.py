@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63xr/v1/gateway.proto\x12\x06\x63xr.v1\"\x7f\n\x10StudyIdentifiers\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ssion_number\x18\x04 \x01(\t\"\xcb\x01\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12#\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x13.cxr.v1.ImageFormat\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12-\n\x0bidentifiers\x18\x06 \x01(\x0b\x32\x18.cxr.v1.StudyIdentifiers\x12\x16\n\x0ereturn_heatmap\x18\x07 \x01(\x08\"6\n\x10\x43lassProbability\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"[\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"T\n\x07Heatmap\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06values\x18\x05 \x03(\x02\"\xd8\x02\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0bidentifiers\x18\x02 \x01(\x0b\x32\x18.cxr.v1.StudyIdentifiers\x12)\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x18.cxr.v1.ClassProbability\x12\x11\n\ttop_class\x18\x04 \x01(\t\x12\x17\n\x0ftop_probability\x18\x05 \x01(\x02\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12 \n\x07timings\x18\t \x01(\x0b\x32\x0f.cxr.v1.Timings\x12\x0f\n\x07notices\x18\n \x03(\t\x12 \n\x07heatmap\x18\x0b \x01(\x0b\x32\x0f.cxr.v1.Heatmap\x12\x14\n\x0cimage_format\x18\x0c \x01(\t\"I\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x84\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x18.cxr.v1.ClassifyResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.cxr.v1.ErrorH\x00\x42\x08\n\x06result\"\x13\n\x11ListModelsRequest\"\x82\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x12\n\ninput_size\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12\x16\n\x0esynthetic_demo\x18\x07 \x01(\x08\x12/\n\x07metrics\x18\x08 \x03(\x0b\x32\x1e.cxr.v1.ModelInfo.MetricsEntry\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.cxr.v1.ModelInfo*p\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12IMAGE_FORMAT_DICOM\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x03\x32\xdc\x01\n\x07Gateway\x12=\n\x08\x43lassify\x12\x17.cxr.v1.ClassifyRequest\x1a\x18.cxr.v1.ClassifyResponse\x12M\n\x0e\x43lassifyStream\x12\x17.cxr.v1.ClassifyRequest\x1a\x1e.cxr.v1.ClassifyStreamResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.cxr.v1.ListModelsRequest\x1a\x1a.cxr.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63xr/v1/gateway.proto\x12\x06\x63xr.v1\"\x7f\n\x10StudyIdentifiers\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x18\n\x10\x61\x63\x63\x65ssion_number\x18\x04 \x01(\t\"\xcb\x01\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12#\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x13.cxr.v1.ImageFormat\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12-\n\x0bidentifiers\x18\x06 \x01(\x0b\x32\x18.cxr.v1.StudyIdentifiers\x12\x16\n\x0ereturn_heatmap\x18\x07 \x01(\x08\"6\n\x10\x43lassProbability\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"[\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"T\n\x07Heatmap\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06values\x18\x05 \x03(\x02\"\xf5\x03\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x0bidentifiers\x18\x02 \x01(\x0b\x32\x18.cxr.v1.StudyIdentifiers\x12)\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x18.cxr.v1.ClassProbability\x12\x11\n\ttop_class\x18\x04 \x01(\t\x12\x17\n\x0ftop_probability\x18\x05 \x01(\x02\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12 \n\x07timings\x18\t \x01(\x0b\x32\x0f.cxr.v1.Timings\x12\x0f\n\x07notices\x18\n \x03(\t\x12 \n\x07heatmap\x18\x0b \x01(\x0b\x32\x0f.cxr.v1.Heatmap\x12\x14\n\x0cimage_format\x18\x0c \x01(\t\x12\x15\n\rindeterminate\x18\r \x01(\x08\x12\x16\n\tood_score\x18\x0e \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rood_threshold\x18\x0f \x01(\x02H\x01\x88\x01\x01\x12\x1c\n\x0foperating_point\x18\x10 \x01(\x02H\x02\x88\x01\x01\x42\x0c\n\n_ood_scoreB\x10\n\x0e_ood_thresholdB\x12\n\x10_operating_point\"I\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x84\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x18.cxr.v1.ClassifyResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.cxr.v1.ErrorH\x00\x42\x08\n\x06result\"\x13\n\x11ListModelsRequest\"\x82\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x12\n\ninput_size\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12\x16\n\x0esynthetic_demo\x18\x07 \x01(\x08\x12/\n\x07metrics\x18\x08 \x03(\x0b\x32\x1e.cxr.v1.ModelInfo.MetricsEntry\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.cxr.v1.ModelInfo*p\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12IMAGE_FORMAT_DICOM\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x03\x32\xdc\x01\n\x07Gateway\x12=\n\x08\x43lassify\x12\x17.cxr.v1.ClassifyRequest\x1a\x18.cxr.v1.ClassifyResponse\x12M\n\x0e\x43lassifyStream\x12\x17.cxr.v1.ClassifyRequest\x1a\x1e.cxr.v1.ClassifyStreamResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.cxr.v1.ListModelsRequest\x1a\x1a.cxr.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_IMAGEFORMAT']._serialized_start=1498
-  _globals['_IMAGEFORMAT']._serialized_end=1610
+  _globals['_IMAGEFORMAT']._serialized_start=1655
+  _globals['_IMAGEFORMAT']._serialized_end=1767
   _globals['_STUDYIDENTIFIERS']._serialized_start=32
   _globals['_STUDYIDENTIFIERS']._serialized_end=159
   _globals['_CLASSIFYREQUEST']._serialized_start=162
@@ -47,19 +47,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEATMAP']._serialized_start=516
   _globals['_HEATMAP']._serialized_end=600
   _globals['_CLASSIFYRESPONSE']._serialized_start=603
-  _globals['_CLASSIFYRESPONSE']._serialized_end=947
-  _globals['_ERROR']._serialized_start=949
-  _globals['_ERROR']._serialized_end=1022
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=1025
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1157
-  _globals['_LISTMODELSREQUEST']._serialized_start=1159
-  _globals['_LISTMODELSREQUEST']._serialized_end=1178
-  _globals['_MODELINFO']._serialized_start=1181
-  _globals['_MODELINFO']._serialized_end=1439
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1393
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1439
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1441
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1496
-  _globals['_GATEWAY']._serialized_start=1613
-  _globals['_GATEWAY']._serialized_end=1833
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1104
+  _globals['_ERROR']._serialized_start=1106
+  _globals['_ERROR']._serialized_end=1179
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=1182
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1314
+  _globals['_LISTMODELSREQUEST']._serialized_start=1316
+  _globals['_LISTMODELSREQUEST']._serialized_end=1335
+  _globals['_MODELINFO']._serialized_start=1338
+  _globals['_MODELINFO']._serialized_end=1596
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1550
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1596
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1598
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1653
+  _globals['_GATEWAY']._serialized_start=1770
+  _globals['_GATEWAY']._serialized_end=1990
 # @@protoc_insertion_point(module_scope)

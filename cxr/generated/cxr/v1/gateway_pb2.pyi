@@ -84,7 +84,7 @@ class Heatmap(_message.Message):
     def __init__(self, label: _Optional[str] = ..., png: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "identifiers", "classes", "top_class", "top_probability", "model_name", "model_version", "model_sha256", "timings", "notices", "heatmap", "image_format")
+    __slots__ = ("request_id", "identifiers", "classes", "top_class", "top_probability", "model_name", "model_version", "model_sha256", "timings", "notices", "heatmap", "image_format", "indeterminate", "ood_score", "ood_threshold", "operating_point")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,10 @@ class ClassifyResponse(_message.Message):
     NOTICES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    INDETERMINATE_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OOD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     identifiers: StudyIdentifiers
     classes: _containers.RepeatedCompositeFieldContainer[ClassProbability]
@@ -109,7 +113,11 @@ class ClassifyResponse(_message.Message):
     notices: _containers.RepeatedScalarFieldContainer[str]
     heatmap: Heatmap
     image_format: str
-    def __init__(self, request_id: _Optional[str] = ..., identifiers: _Optional[_Union[StudyIdentifiers, _Mapping]] = ..., classes: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., top_class: _Optional[str] = ..., top_probability: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., notices: _Optional[_Iterable[str]] = ..., heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., image_format: _Optional[str] = ...) -> None: ...
+    indeterminate: bool
+    ood_score: float
+    ood_threshold: float
+    operating_point: float
+    def __init__(self, request_id: _Optional[str] = ..., identifiers: _Optional[_Union[StudyIdentifiers, _Mapping]] = ..., classes: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., top_class: _Optional[str] = ..., top_probability: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., notices: _Optional[_Iterable[str]] = ..., heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., image_format: _Optional[str] = ..., indeterminate: _Optional[bool] = ..., ood_score: _Optional[float] = ..., ood_threshold: _Optional[float] = ..., operating_point: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "code_name", "message", "reason")
