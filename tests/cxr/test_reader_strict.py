@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cxr.imaging import ImageError, ImageLimits, read_image
-from tests.gateway.corpus import NIH, zeroed_mid_stream
+from tests.cxr.corpus import NIH, zeroed_mid_stream
 
 
 def _gray(dicom_dir: Path) -> np.ndarray:
@@ -73,7 +73,7 @@ def test_dicom_jpeg_baseline_strict_and_identical_to_before(dicom_dir: Path):
     """The SIIM file (JPEG baseline in DICOM) decodes with the strict decoder to pydicom's own pixels."""
     import pydicom
 
-    from tests.gateway.corpus import SIIM_JPEG
+    from tests.cxr.corpus import SIIM_JPEG
 
     data = (dicom_dir / SIIM_JPEG).read_bytes()
     ds = pydicom.dcmread(io.BytesIO(data))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from cxr.imaging import ImageError, ImageLimits, read_image
 from tests.conftest import SHARED_DATA
-from tests.gateway.corpus import NIH, NO_PREAMBLE, _dicom_bytes, _encapsulated
+from tests.cxr.corpus import NIH, NO_PREAMBLE, _dicom_bytes, _encapsulated
 
 EXAMPLES = int(os.environ.get("CXR_FUZZ_EXAMPLES", "150"))
 REASONS = {"empty", "too_large", "unknown_format", "corrupt", "truncated", "too_many_pixels", "too_small",
