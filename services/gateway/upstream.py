@@ -197,13 +197,13 @@ class InferenceClient:
             tried.add(replica)
             if attempt >= self.settings.upstream_retries:
                 raise failure
+            _, fresh = self.replicas.pick(tried)
+            if not fresh and deadline - time.monotonic() <= backoff:
+                raise failure  # every replica tried and no room left for the backoff: not a retry
             attempt += 1
             if self._on_retry:
                 self._on_retry()
-            _, fresh = self.replicas.pick(tried)
             if not fresh:  # every replica tried: wait before calling one again
-                if deadline - time.monotonic() <= backoff:
-                    raise failure
                 await asyncio.sleep(backoff)
                 backoff *= 2
 

@@ -75,6 +75,7 @@ def _run(script, scenario, **settings):
         retries = []
         options = {"inference": f"127.0.0.1:{port}", "upstream_backoff_s": 0.01, **settings}
         client = InferenceClient(GatewaySettings(**options), on_retry=lambda: retries.append(1))
+        await client.start()  # resolves the target's replicas and checks their readiness, as the gateway does
         try:
             return await scenario(client), len(retries)
         finally:
