@@ -65,7 +65,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
         if name in exclude:
             continue
         annotation = _unwrap(info.annotation)
-        unit = " (seconds)" if name.endswith("_s") else ""
+        unit = " (seconds)" if name.endswith("_s") and "second" not in (info.description or "").lower() else ""
         help_text = f"{info.description or ''}{unit} [default: {_default_text(info)}; env {prefix}{name.upper()}]"
         kwargs: dict = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}
         origin = typing.get_origin(annotation)
@@ -78,7 +78,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
             kwargs["metavar"] = "A[,B...]"
         elif annotation in (int, float, str, Path):
             kwargs["type"] = annotation
-            if unit:
+            if name.endswith("_s"):
                 kwargs["metavar"] = "SECONDS"
         else:
             raise TypeError(f"{settings_class.__name__}.{name}: no flag for type {annotation!r}; exclude it or "
