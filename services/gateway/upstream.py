@@ -22,7 +22,6 @@ import grpc
 import numpy as np
 
 from cxr.generated.inference import grpc_service_pb2 as pb
-from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from services.common.security import bearer_metadata, channel_credentials
 from services.gateway.config import GatewaySettings
 from services.gateway.replicas import ReplicaHung, ReplicaSet
