@@ -23,7 +23,6 @@ import numpy as np
 
 from cxr import datatypes
 from cxr.generated.inference import grpc_service_pb2 as pb
-from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from services.common.errors import ServiceError
 from services.common.security import bearer_metadata, channel_credentials
 from services.gateway.config import GatewaySettings
