@@ -38,9 +38,8 @@ class Gaussians:
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to every class mean: [N, C]."""
-        z = np.asarray(features, dtype=np.float64) @ self.whitening
-        m = self.means @ self.whitening
-        return ((z[:, None, :] - m[None]) ** 2).sum(-1)
+        diff = np.asarray(features, dtype=np.float64)[:, None, :] - self.means[None]
+        return ((diff @ self.whitening) ** 2).sum(-1)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Distance to the nearest class: [N] (higher = less like the training images)."""
@@ -186,7 +185,8 @@ def forward_features(model, images: np.ndarray, batch_size: int = 32) -> tuple[n
 
 
 def score_module(gate: Gate):
-    """An nn.Module: the backbone blocks' outputs (CxrNet.forward_all's taps) -> ood_score [N] float32, 1.0 = threshold."""
+    """An nn.Module: the backbone blocks' outputs (CxrNet.forward_all's taps) -> ood_score [N] float32, 1.0 = threshold.
+    The distances are computed in float64 (ONNX DOUBLE; onnxruntime's CPU and CUDA providers run it)."""
     import torch
     from torch import nn
 
@@ -194,18 +194,21 @@ def score_module(gate: Gate):
         def __init__(self) -> None:
             super().__init__()
             for i, (g, median) in enumerate(zip(gate.layers, gate.medians)):
-                self.register_buffer(f"whitening_{i}", torch.tensor(g.whitening, dtype=torch.float32))
-                self.register_buffer(f"white_means_{i}", torch.tensor(g.means @ g.whitening, dtype=torch.float32))
-                self.register_buffer(f"scale_{i}", torch.tensor(1.0 / (median * gate.threshold), dtype=torch.float32))
+                # in float64: the whitening of near-degenerate directions loses ~1% to float32 rounding
+                self.register_buffer(f"whitening_{i}", torch.tensor(g.whitening, dtype=torch.float64))
+                self.register_buffer(f"means_{i}", torch.tensor(g.means, dtype=torch.float64))
+                self.register_buffer(f"scale_{i}", torch.tensor(1.0 / (median * gate.threshold), dtype=torch.float64))
             self.count = len(gate.layers)
 
         def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
             total = None
             for i, f in enumerate(block_features(taps)):
-                z = f @ getattr(self, f"whitening_{i}")  # [N, D]
-                d = ((z.unsqueeze(1) - getattr(self, f"white_means_{i}").unsqueeze(0)) ** 2).sum(-1)  # [N, C]
+                # subtract the means before whitening: f @ W and mu @ W can be large and nearly equal (float32
+                # cancellation), the difference of features and means is not
+                diff = f.double().unsqueeze(1) - getattr(self, f"means_{i}").unsqueeze(0)  # [N, C, D]
+                d = ((diff @ getattr(self, f"whitening_{i}")) ** 2).sum(-1)  # [N, C]
                 part = d.min(dim=1).values * getattr(self, f"scale_{i}")
                 total = part if total is None else total + part
-            return total
+            return total.float()
 
     return MahalanobisScore()
