@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,47 +20,10 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from training import data as D
-from training.models import build_model, set_trainable_top
+from training.config import TrainConfig
+from training.models import backbone_blocks, build_model, set_trainable_top
 
 log = logging.getLogger("cxr.training")
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    architecture: str
-    classes: list[str] = field(default_factory=lambda: list(D.DEFAULT_CLASSES))
-    manifest: str | None = None
-    image_size: int = 224
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.05
-    dropout: float = 0.2
-    weights: str = "none"  # none | imagenet | PATH
-    frozen_epochs: int = 2  # with pretrained weights: epochs training the head only
-    fine_tune_layers: int | None = None  # then: top N backbone blocks trainable (None: all)
-    rotation: float = 10.0  # degrees, +/-
-    zoom: float = 0.1  # scale in [1-zoom, 1+zoom]
-    shift: float = 0.05  # translation, fraction of the side
-    hflip: bool = True
-    contrast: float = 0.1  # brightness/contrast jitter, +/-
-    balance: str = "weights"  # weights (class-weighted loss) | none
-    patience: int = 10  # early stopping: epochs without a better validation macro AUC
-    ema_decay: float = 0.98  # validate/keep an exponential moving average of the weights (0: off)
-    val_fraction: float = 0.2
-    seed: int = 0
-    max_per_class: int | None = None
-    threads: int | None = None
-    synthetic_demo: bool = False
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> "TrainConfig":
-        return cls(**json.loads(Path(path).read_text()))
 
 
 def setup_logging(run_dir: Path) -> None:
@@ -84,20 +47,32 @@ def pick_device() -> torch.device:
 # --- data for one run ---------------------------------------------------------------------------------------------
 
 
-def prepare_split(cfg: TrainConfig, run_dir: Path) -> tuple[D.ImageSet, D.ImageSet]:
-    """Read the images and split them; a run folder that already has split.csv reuses it (resume, evaluation)."""
+def prepare_split(cfg: TrainConfig, run_dir: Path, facts: dict | None = None) -> tuple[D.ImageSet, D.ImageSet]:
+    """Read the images and split them; a run folder that already has split.csv reuses it (resume, evaluation).
+    Returns (training set after label cleaning, the whole validation split); `facts` (if given) receives what the
+    label cleaning removed and the counts per class and source."""
     split_path = run_dir / D.SPLIT_FILE
+    roots = D.data_roots(cfg.data, cfg.extra_data)
     if split_path.is_file():
         samples, split = D.read_split(split_path, cfg.classes)
-        everything, skipped = D.load_images(Path(cfg.data), samples, cfg.image_size, progress=True)
-        keep = {s.file for s in everything.samples}
-        split = [side for s, side in zip(samples, split) if s.file in keep]
+        everything, skipped = D.load_images(roots, samples, cfg.image_size, progress=True)
+        keep = {(s.dataset, s.file) for s in everything.samples}
+        split = [side for s, side in zip(samples, split) if (s.dataset, s.file) in keep]
     else:
-        found = D.discover(Path(cfg.data), cfg.classes, Path(cfg.manifest) if cfg.manifest else None, cfg.max_per_class)
+        found = D.discover(Path(cfg.data), cfg.classes, Path(cfg.manifest) if cfg.manifest else None, cfg.max_per_class,
+                           Path(cfg.radiologist_labels) if cfg.radiologist_labels else None)
         cfg.manifest = str(found.manifest) if found.manifest else None
+        cfg.radiologist_labels = str(found.radiologist_labels) if found.radiologist_labels else None
         cfg.synthetic_demo = cfg.synthetic_demo or found.synthetic
-        everything, skipped = D.load_images(Path(cfg.data), found.samples, cfg.image_size, progress=True)
+        samples = list(found.samples)
+        for name, root in list(roots.items())[1:]:
+            extra = D.discover(root, cfg.classes, None, cfg.max_per_class, dataset=name, require_all_classes=False)
+            samples += extra.samples
+        everything, skipped = D.load_images(roots, samples, cfg.image_size, progress=True)
         split = D.stratified_patient_split(everything.samples, cfg.val_fraction, cfg.seed)
+        if cfg.site_check_class and cfg.extra_data and cfg.site_check_class in cfg.classes:
+            label = cfg.classes.index(cfg.site_check_class)
+            split = D.move_patients_to_validation(everything.samples, split, lambda s: s.dataset != "" and s.label == label)
         D.write_split(split_path, everything.samples, split, cfg.classes)
         with open(run_dir / "skipped.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -106,7 +81,59 @@ def prepare_split(cfg: TrainConfig, run_dir: Path) -> tuple[D.ImageSet, D.ImageS
     if skipped:
         log.warning("%d unreadable images skipped (listed in %s)", len(skipped), run_dir / "skipped.csv")
     is_val = np.array([side == "val" for side in split], dtype=bool)
-    return subset(everything, ~is_val), subset(everything, is_val)
+    dropped = training_exclusions(cfg, everything.samples)
+    if dropped.any():
+        removed = Counter(cfg.classes[s.label] for s, d, v in zip(everything.samples, dropped, is_val) if d and not v)
+        log.info("label cleaning (%s%s): %d training images leave training: %s", cfg.label_policy,
+                 f", --exclude {Path(cfg.exclude).name}" if cfg.exclude else "", sum(removed.values()), dict(removed))
+    train_set, val_set = subset(everything, ~is_val & ~dropped), subset(everything, is_val)
+    if facts is not None:
+        removed = [s for s, d, v in zip(everything.samples, dropped, is_val) if d and not v]
+        facts.update({
+            "label_policy": cfg.label_policy, "exclude": Path(cfg.exclude).name if cfg.exclude else None,
+            "radiologist_labels": Path(cfg.radiologist_labels).name if cfg.radiologist_labels else None,
+            "removed_from_training": dict(Counter(cfg.classes[s.label] for s in removed)),
+            "extra_data": [Path(e).name for e in cfg.extra_data],
+            "site_check": (f"all {cfg.site_check_class} images of {', '.join(Path(e).name for e in cfg.extra_data)} "
+                           "(and their patients) are in validation only") if cfg.site_check_class and cfg.extra_data else None,
+            "train": _counts(train_set, cfg.classes), "val": _counts(val_set, cfg.classes),
+            "val_contradicted": int(sum(s.contradicted for s in val_set.samples)),
+        })
+    return train_set, val_set
+
+
+def _counts(images: D.ImageSet, classes: list[str]) -> dict[str, dict[str, int]]:
+    """{source: {class: n}}"""
+    out: dict[str, dict[str, int]] = {}
+    for s in images.samples:
+        by_class = out.setdefault(s.source_origin, {})
+        by_class[classes[s.label]] = by_class.get(classes[s.label], 0) + 1
+    return out
+
+
+def training_exclusions(cfg: TrainConfig, samples: list[D.Sample]) -> np.ndarray:
+    """Which samples the label policy and --exclude keep out of training (validation keeps everything)."""
+    out = np.zeros(len(samples), dtype=bool)
+    if cfg.label_policy == "drop_contradicted":
+        if not any(s.radiologist for s in samples):
+            raise FileNotFoundError("--label-policy drop_contradicted needs radiologist labels: DATA/"
+                                    f"{D.RADIOLOGIST_FILE} or --radiologist-labels CSV (columns file, rsna_verdict)")
+        out |= np.array([s.contradicted for s in samples], dtype=bool)
+    if cfg.exclude:
+        listed = read_exclusions(Path(cfg.exclude))
+        out |= np.array([s.file in listed for s in samples], dtype=bool)
+    return out
+
+
+def read_exclusions(path: Path) -> set[str]:
+    """The `file` column of an --exclude CSV (paths relative to their data folder, as in split.csv)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--exclude {path}: no such file")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "file" not in reader.fieldnames:
+            raise ValueError(f"--exclude {path}: needs a 'file' column")
+        return {row["file"] for row in reader}
 
 
 def subset(images: D.ImageSet, mask: np.ndarray) -> D.ImageSet:
@@ -118,20 +145,30 @@ def subset(images: D.ImageSet, mask: np.ndarray) -> D.ImageSet:
 
 
 def augment(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation, zoom, shift, horizontal flip and brightness/contrast on a uint8 batch [N,1,H,W].
-    Returns float in [0,255] (the models accept it like uint8)."""
+    """Training augmentation of a uint8 batch [N,1,H,W], against the shortcuts a site leaves (its scanner's tone curve,
+    contrast, sharpness and noise; its framing): histogram equalisation, then one affine warp (rotation, zoom,
+    anisotropic crop, shift, horizontal flip), then brightness/contrast and gamma, then blur or sharpening, then
+    Gaussian noise. Returns float in [0,255] (the models accept it like uint8)."""
     n = batch.shape[0]
     x = batch.to(torch.float32)
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=generator)
 
+    def chosen(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) < p
+
+    if cfg.equalize > 0:
+        for i in torch.nonzero(chosen(cfg.equalize)).flatten().tolist():
+            x[i] = _equalize(batch[i])
     angle = uniform(-cfg.rotation, cfg.rotation) * math.pi / 180
     scale = uniform(1 - cfg.zoom, 1 + cfg.zoom)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones(n)
-    tx, ty = uniform(-cfg.shift, cfg.shift) * 2, uniform(-cfg.shift, cfg.shift) * 2
+    flip = torch.where(chosen(0.5), -1.0, 1.0) if cfg.hflip else torch.ones(n)
+    sx, sy = uniform(1 - cfg.crop, 1.0), uniform(1 - cfg.crop, 1.0)  # the share of each side a crop keeps
+    tx = uniform(-cfg.shift, cfg.shift) * 2 + uniform(-1, 1) * (1 - sx)
+    ty = uniform(-cfg.shift, cfg.shift) * 2 + uniform(-1, 1) * (1 - sy)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    theta = torch.stack([torch.stack([cos * sx * flip, -sin * sy, tx], 1), torch.stack([sin * sx * flip, cos * sy, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.contrast > 0:
@@ -139,7 +176,35 @@ def augment(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -
         bias = (uniform(-cfg.contrast, cfg.contrast) * 255).view(n, 1, 1, 1).to(x.device)
         mean = x.mean(dim=(2, 3), keepdim=True)
         x = (x - mean) * gain + mean + bias
+    if cfg.gamma > 0:
+        g = torch.exp(uniform(-math.log1p(cfg.gamma), math.log1p(cfg.gamma))).view(n, 1, 1, 1)
+        x = 255.0 * (x.clamp(0, 255) / 255.0) ** g
+    if cfg.blur > 0:
+        # blend towards a blurred copy (w > 0: blur) or away from it (w < 0: unsharp masking)
+        w = torch.where(chosen(cfg.blur), uniform(-1.0, 1.0), torch.zeros(n)).view(n, 1, 1, 1)
+        x = x + w * (_gaussian_blur(x, sigma=max(0.5, x.shape[-1] / 224)) - x)
+    if cfg.noise > 0:
+        std = (uniform(0, cfg.noise) * 255).view(n, 1, 1, 1)
+        x = x + std * torch.randn(x.shape, generator=generator)
     return x.clamp_(0, 255)
+
+
+def _equalize(image: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation of one uint8 image [1,H,W] -> float [1,H,W] in [0,255]."""
+    hist = torch.bincount(image.flatten().long(), minlength=256).to(torch.float64)
+    cdf = hist.cumsum(0)
+    lo = cdf[hist > 0][0]
+    lut = ((cdf - lo) / max(float(cdf[-1] - lo), 1.0) * 255).clamp(0, 255).to(torch.float32)
+    return lut[image.long()]
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
 
 
 # --- one run ------------------------------------------------------------------------------------------------------
@@ -185,8 +250,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         cfg = saved
     torch.manual_seed(cfg.seed)
     device = pick_device()
-    train_set, val_set = prepare_split(cfg, run_dir)
+    facts: dict = {}
+    train_set, val_set = prepare_split(cfg, run_dir, facts)
     cfg.save(run_dir / "config.json")
+    (run_dir / "data.json").write_text(json.dumps(facts, indent=2) + "\n")
     log.info("run %s: %s, %d train / %d val images, image size %d, device %s, %d CPU threads", run_dir, cfg.architecture,
              len(train_set.labels), len(val_set.labels), cfg.image_size, device, torch.get_num_threads())
     log.info("train class counts %s; val class counts %s", np.bincount(train_set.labels, minlength=len(cfg.classes)).tolist(),
@@ -200,9 +267,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
                  cfg.weights, cfg.frozen_epochs, "all" if cfg.fine_tune_layers is None else cfg.fine_tune_layers)
 
     model = build_model(cfg.architecture, len(cfg.classes), cfg.weights, cfg.dropout).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if model.pretrained:
+        (run_dir / "pretrained.json").write_text(json.dumps(model.pretrained, indent=2) + "\n")
+    optimizer, max_lrs = _optimizer(model, cfg)
     steps_per_epoch = max(1, math.ceil(len(train_set.labels) / cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.15)
     # The moving average of the weights is what gets validated and kept: on a few hundred images the raw weights'
     # validation AUC swings by several points from epoch to epoch, and picking the best of those swings is luck.
@@ -224,7 +293,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         if state["total_steps"] == cfg.epochs * steps_per_epoch:
             scheduler.load_state_dict(state["scheduler"])
         else:  # more epochs asked for: continue on a fresh schedule over the remaining epochs
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, pct_start=0.15,
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, pct_start=0.15,
                                                             total_steps=max(1, cfg.epochs - start_epoch) * steps_per_epoch)
         log.info("resumed from %s after epoch %d (best val macro AUC %.4f)", last_path, start_epoch, best_auc)
 
@@ -278,7 +347,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             "val_loss": val_loss,
             "val_accuracy": float((val_probs.argmax(1) == val_set.labels).mean()),
             "val_macro_auc": macro_auc(val_set.labels, val_probs),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": optimizer.param_groups[-1]["lr"],
             "train_seconds": train_time,
             "epoch_seconds": time.perf_counter() - t0,
             "train_images_per_second": seen / train_time if train_time > 0 else float("nan"),
@@ -308,6 +377,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
     return summary
 
 
+def _optimizer(model, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[float]]:
+    """AdamW; with pretrained weights the backbone may learn at its own rate (--backbone-lr)."""
+    backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None and cfg.weights != "none" else cfg.lr
+    backbone = list(model.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": backbone, "lr": backbone_lr}, {"params": rest, "lr": cfg.lr}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), [backbone_lr, cfg.lr]
+
+
 def _ema_model(model: torch.nn.Module, decay: float):
     """An exponential moving average of the weights (and BatchNorm statistics). The decay warms up, min(decay,
     (1+n)/(10+n)) after n updates, so short runs are not dominated by the random initial weights."""
@@ -324,7 +403,7 @@ def _ema_model(model: torch.nn.Module, decay: float):
 
 def _freeze_bn_of_frozen_blocks(model: torch.nn.Module) -> None:
     """Frozen (pretrained) blocks keep their BatchNorm statistics: put them in eval mode."""
-    for block in model.backbone.children():
+    for block in backbone_blocks(model):
         if not any(p.requires_grad for p in block.parameters()):
             block.eval()
 
