@@ -47,14 +47,36 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, num_classes: int, rounds
         return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
 
 
+CONSISTENT_SUBSET = "consistent_subset"
+CONSISTENT_DEFINITION = ("the validation images whose label no radiologist contradicted (radiologist_labels.csv "
+                         "rsna_verdict != 'contradicts'); the same temperature as the whole split")
+
+
 def evaluate_predictions(labels: np.ndarray, logits: np.ndarray, classes: list[str], sources: list[str],
-                         temperature: float | None = None, probs: np.ndarray | None = None) -> dict:
-    """All metrics for one set of predictions. `probs` (calibrated) may be given directly (the ensemble's)."""
-    n = len(classes)
+                         temperature: float | None = None, probs: np.ndarray | None = None,
+                         contradicted: np.ndarray | None = None) -> dict:
+    """All metrics for one set of predictions, overall and per source. `probs` (calibrated) may be given directly
+    (the ensemble's). `contradicted` (bool per image): the same metrics again on the radiologist-consistent subset."""
     raw = C.softmax(logits.astype(np.float64))
     if probs is None:
         temperature = C.fit_temperature(logits, labels) if temperature is None else temperature
         probs = C.softmax(logits.astype(np.float64), temperature)
+    metrics = _metrics(labels, raw, probs, classes, np.array(sources))
+    metrics["temperature"] = temperature
+    if temperature is not None:
+        # T is fitted on this same split: the cross-fitted ECE is the honest "after" number
+        metrics["ece_after_cross_fitted"] = C.cross_fitted_ece(logits, labels)
+    if contradicted is not None:
+        keep = ~np.asarray(contradicted, dtype=bool)
+        metrics[CONSISTENT_SUBSET] = {"definition": CONSISTENT_DEFINITION, "excluded": int((~keep).sum()),
+                                      **_metrics(labels[keep], raw[keep], probs[keep], classes, np.array(sources)[keep])}
+        if temperature is not None and keep.any():
+            metrics[CONSISTENT_SUBSET]["ece_after_cross_fitted"] = C.cross_fitted_ece(logits[keep], labels[keep])
+    return metrics
+
+
+def _metrics(labels: np.ndarray, raw: np.ndarray, probs: np.ndarray, classes: list[str], src: np.ndarray) -> dict:
+    n = len(classes)
     pred = probs.argmax(1)
     per_class_p, per_class_r, per_class_f, support = precision_recall_fscore_support(
         labels, pred, labels=list(range(n)), zero_division=0)
@@ -67,25 +89,24 @@ def evaluate_predictions(labels: np.ndarray, logits: np.ndarray, classes: list[s
         "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(n))).tolist(),
         "classification_report": classification_report(labels, pred, labels=list(range(n)), target_names=classes,
                                                        digits=3, zero_division=0),
-        "temperature": temperature,
         "ece_before": C.expected_calibration_error(raw, labels),
         "ece_after": C.expected_calibration_error(probs, labels),
         "ci95": bootstrap_ci(labels, probs, n),
         "per_source": {},
     })
-    if temperature is not None:
-        # T is fitted on this same split: the cross-fitted ECE is the honest "after" number
-        metrics["ece_after_cross_fitted"] = C.cross_fitted_ece(logits, labels)
-    src = np.array(sources)
-    for source in sorted(set(sources)):
+    for source in sorted(set(src.tolist())):
         m = src == source
         present = sorted(set(labels[m].tolist()))
-        acc_ci = bootstrap_ci(labels[m], probs[m], n, rounds=300)["accuracy"]
+        core = core_metrics(labels[m], probs[m], n)
         metrics["per_source"][source] = {
-            "n": int(m.sum()), "accuracy": float((pred[m] == labels[m]).mean()), "accuracy_ci95": acc_ci,
+            "n": int(m.sum()), "accuracy": core["accuracy"],
+            "accuracy_ci95": bootstrap_ci(labels[m], probs[m], n, rounds=300)["accuracy"],
             "classes": [classes[c] for c in present],
+            # one source often holds two classes (NIH: Normal and Lung_Opacity): the AUC between those
             "auc_among_its_classes": macro_auc(labels[m], probs[m], present) if len(present) > 1 else None,
             "per_class_recall": {classes[c]: float((pred[m][labels[m] == c] == c).mean()) for c in present},
+            "predicted": {classes[c]: int((pred[m] == c).sum()) for c in range(n)},
+            "ece_after": C.expected_calibration_error(probs[m], labels[m]),
         }
     return metrics
 
@@ -192,7 +213,7 @@ def evaluate_run(run_dir: Path, data_dir: str | None = None, plots: bool = True)
     """Evaluate one run: writes calibration.json, metrics.json and the PNG plots into the run folder."""
     run_dir = Path(run_dir)
     logits, val, cfg = validation_predictions(run_dir, data_dir)
-    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources)
+    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, contradicted=_contradicted(val))
     history = json.loads((run_dir / "history.json").read_text())
     metrics.update(_run_facts(run_dir, cfg, history, val))
     (run_dir / "calibration.json").write_text(json.dumps({"temperature": metrics["temperature"]}, indent=2) + "\n")
@@ -202,11 +223,22 @@ def evaluate_run(run_dir: Path, data_dir: str | None = None, plots: bool = True)
     return metrics
 
 
+def _contradicted(val) -> np.ndarray | None:
+    """Per validation image: did a radiologist contradict its label? None when the run has no radiologist labels."""
+    if not any(s.radiologist for s in val.samples):
+        return None
+    return np.array([s.contradicted for s in val.samples], dtype=bool)
+
+
 def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
     import torch
 
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
     split = (run_dir / "split.csv").read_text().splitlines()[1:]
+    data_facts = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    pretrained = json.loads((run_dir / "pretrained.json").read_text()) if (run_dir / "pretrained.json").is_file() else None
+    train_images = (sum(sum(c.values()) for c in data_facts["train"].values()) if "train" in data_facts
+                    else sum(1 for r in split if ",train," in r))
     return {
         # the run's folder name too when it says more than the architecture (two runs of one architecture)
         "model": cfg.architecture if run_dir.name == cfg.architecture else f"{cfg.architecture} ({run_dir.name})",
@@ -214,9 +246,10 @@ def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
         "data": cfg.data, "manifest": cfg.manifest, "classes": cfg.classes, "synthetic_demo": cfg.synthetic_demo,
         "split": {"file": "split.csv", "seed": cfg.seed, "val_fraction": cfg.val_fraction,
                   "patient_disjoint": cfg.manifest is not None,
-                  "train_images": sum(1 for r in split if ",train," in r), "val_images": len(val.labels)},
+                  "train_images": train_images, "val_images": len(val.labels)},
+        "label_policy": cfg.label_policy, "data_summary": data_facts, "pretrained": pretrained,
         "image_size": cfg.image_size, "weights": cfg.weights, "epochs_run": len(history), "best_epoch": best["epoch"],
-        "wall_seconds": sum(h["epoch_seconds"] for h in history),
+        "wall_seconds": sum(h["epoch_seconds"] + h.get("cache_seconds", 0.0) for h in history),
         "train_images_per_second": float(np.median([h["train_images_per_second"] for h in history])),
         "evaluated_on": "validation split (also used for early stopping and to fit the temperature)",
         "note": NOT_CLINICAL,
@@ -251,7 +284,8 @@ def evaluate_ensemble(run_dirs: list[Path], out_dir: Path, data_dir: str | None 
     _, val, cfg = first
     probs = np.mean([C.softmax(lg.astype(np.float64), t) for lg, t, _ in members], axis=0)
     logits = np.mean([lg for lg, _, _ in members], axis=0)
-    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, probs=probs)
+    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, probs=probs,
+                                   contradicted=_contradicted(val))
     metrics.update({"model": "ensemble", "architecture": "ensemble", "members": [str(r) for r in run_dirs],
                     "data": cfg.data, "classes": cfg.classes, "image_size": cfg.image_size,
                     "synthetic_demo": any(c.synthetic_demo for _, _, c in members), "note": NOT_CLINICAL,
@@ -267,9 +301,11 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def comparison_table(all_metrics: list[dict]) -> str:
-    """The seed's table (Model, Val Accuracy, ROC AUC, Precision, Recall, F1) plus the facts that qualify it."""
+    """The seed's table (Model, Val Accuracy, ROC AUC, Precision, Recall, F1) plus the facts that qualify it: the
+    radiologist-consistent subset, per-source accuracy (and NIH's Normal-vs-Lung_Opacity AUC), calibration, cost."""
     sources = sorted({s for m in all_metrics for s in m["per_source"]})
     head = ["Model", "Val Accuracy (95% CI)", "ROC AUC (95% CI)", "Precision", "Recall", "F1",
+            "Consistent subset: acc. / AUC / ECE", "NIH AUC (whole / consistent)",
             *[f"Acc. {s}" for s in sources], "ECE before → after", "Image size", "Epochs (best)", "Train wall time",
             "Train images/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -280,10 +316,15 @@ def comparison_table(all_metrics: list[dict]) -> str:
         ece_after = m.get("ece_after_cross_fitted", m["ece_after"])
         epochs = f"{m['epochs_run']} ({m['best_epoch']})" if m.get("epochs_run") else "–"
         wall = f"{m['wall_seconds'] / 60:.1f} min" if m.get("wall_seconds") else "–"
+        sub = m.get(CONSISTENT_SUBSET)
+        consistent = (f"{_fmt(sub['accuracy'])} / {_fmt(sub['macro_auc'])} / "
+                      f"{_fmt(sub.get('ece_after_cross_fitted', sub['ece_after']))} (n={sub['n']})" if sub else "–")
+        nih = [x["per_source"].get("nih", {}).get("auc_among_its_classes") for x in (m, sub) if x]
         lines.append("| " + " | ".join([
             m["model"], f"{_fmt(m['accuracy'])} ({_fmt(ci['accuracy'][0])}–{_fmt(ci['accuracy'][1])})",
             f"{_fmt(m['macro_auc'])} ({_fmt(ci['macro_auc'][0])}–{_fmt(ci['macro_auc'][1])})",
-            _fmt(m["macro_precision"]), _fmt(m["macro_recall"]), _fmt(m["macro_f1"]), *src,
+            _fmt(m["macro_precision"]), _fmt(m["macro_recall"]), _fmt(m["macro_f1"]), consistent,
+            " / ".join(_fmt(v) for v in nih) if any(v is not None for v in nih) else "–", *src,
             f"{_fmt(m['ece_before'])} → {_fmt(ece_after)}", str(m["image_size"]), epochs, wall,
             _fmt(m.get("train_images_per_second"), 1)]) + " |")
     return "\n".join(lines) + "\n"

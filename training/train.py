@@ -294,14 +294,15 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
 
     train_x = torch.from_numpy(train_set.images).unsqueeze(1)
     train_y = torch.from_numpy(train_set.labels)
-    cut = frozen_cut(model, cfg)
+    cut, cache_seconds = frozen_cut(model, cfg), 0.0
     if cut is not None:
         t0 = time.perf_counter()
         train_cache = [_bottom_features(model, cut, train_set.images, cfg, view, torch.float16)
                        for view in range(cfg.cache_views)]
         val_cache = _bottom_features(model, cut, val_set.images, cfg, None, torch.float32)
+        cache_seconds = time.perf_counter() - t0
         log.info("cached the output of the %d frozen backbone blocks for %d augmented views of the training images and "
-                 "for validation: %.0f s, %.0f MB", cut, cfg.cache_views, time.perf_counter() - t0,
+                 "for validation: %.0f s, %.0f MB", cut, cfg.cache_views, cache_seconds,
                  sum(c.numel() * c.element_size() for c in [*train_cache, val_cache]) / 2**20)
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
@@ -361,6 +362,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             "train_seconds": train_time,
             "epoch_seconds": time.perf_counter() - t0,
             "train_images_per_second": seen / train_time if train_time > 0 else float("nan"),
+            "cache_seconds": cache_seconds if epoch == start_epoch else 0.0,  # --cache-views: computed once per call
         }
         history.append(record)
         auc = record["val_macro_auc"]
