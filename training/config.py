@@ -142,7 +142,8 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel] = TrainCon
         elif typing.get_origin(annotation) is list:
             parser.add_argument(_flag(name), action="append", metavar=name.upper(), **kwargs)
         else:
-            parser.add_argument(_flag(name), type=annotation, metavar=name.split("_")[-1].upper(), **kwargs)
+            metavar = {int: "N", float: "X"}.get(annotation, name.split("_")[-1].upper())
+            parser.add_argument(_flag(name), type=annotation, metavar=metavar, **kwargs)
 
 
 def args_to_fields(args: argparse.Namespace, model: type[BaseModel] = TrainConfig) -> dict:

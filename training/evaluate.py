@@ -14,6 +14,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 
 from training import calibrate as C
 from training.metrics import binary_auc, macro_auc
+from training.runs import RunDir
 
 log = logging.getLogger("cxr.training")
 BOOTSTRAP_ROUNDS = 1000
@@ -214,12 +215,13 @@ def evaluate_run(run_dir: Path, data_dir: str | None = None, plots: bool = True)
     run_dir = Path(run_dir)
     logits, val, cfg = validation_predictions(run_dir, data_dir)
     metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, contradicted=_contradicted(val))
-    history = json.loads((run_dir / "history.json").read_text())
+    run = RunDir(run_dir)
+    history = run.history()
     metrics.update(_run_facts(run_dir, cfg, history, val))
-    (run_dir / "calibration.json").write_text(json.dumps({"temperature": metrics["temperature"]}, indent=2) + "\n")
+    run.write_json(RunDir.CALIBRATION, {"temperature": metrics["temperature"]})
     _write(run_dir, metrics, val.labels, C.softmax(logits.astype(np.float64)),
            C.softmax(logits.astype(np.float64), metrics["temperature"]), cfg.classes, history, cfg.architecture, plots)
-    np.save(run_dir / "val_logits.npy", logits)
+    np.save(run / RunDir.VAL_LOGITS, logits)
     return metrics
 
 
@@ -233,10 +235,10 @@ def _contradicted(val) -> np.ndarray | None:
 def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
     import torch
 
-    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
-    split = (run_dir / "split.csv").read_text().splitlines()[1:]
-    data_facts = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
-    pretrained = json.loads((run_dir / "pretrained.json").read_text()) if (run_dir / "pretrained.json").is_file() else None
+    run = RunDir(run_dir)
+    best = torch.load(run / RunDir.BEST, map_location="cpu", weights_only=False)
+    split = (run / RunDir.SPLIT).read_text().splitlines()[1:]
+    data_facts, pretrained = run.data_facts(), run.pretrained()
     train_images = (sum(sum(c.values()) for c in data_facts["train"].values()) if "train" in data_facts
                     else sum(1 for r in split if ",train," in r))
     return {
@@ -244,7 +246,7 @@ def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
         "model": cfg.architecture if run_dir.name == cfg.architecture else f"{cfg.architecture} ({run_dir.name})",
         "architecture": cfg.architecture, "run_dir": str(run_dir),
         "data": cfg.data, "manifest": cfg.manifest, "classes": cfg.classes, "synthetic_demo": cfg.synthetic_demo,
-        "split": {"file": "split.csv", "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+        "split": {"file": RunDir.SPLIT, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
                   "patient_disjoint": cfg.manifest is not None,
                   "train_images": train_images, "val_images": len(val.labels)},
         "label_policy": cfg.label_policy, "data_summary": data_facts, "pretrained": pretrained,
@@ -258,7 +260,7 @@ def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
 
 def _write(out: Path, metrics: dict, labels, raw, calibrated, classes, history, title, plots: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / RunDir.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     if not plots:
         return
     if history:
@@ -278,8 +280,8 @@ def evaluate_ensemble(run_dirs: list[Path], out_dir: Path, data_dir: str | None 
             first = (files, val, cfg)
         elif files != first[0]:
             raise ValueError(f"{run_dir} was validated on a different split; ensemble members must share one split")
-        t = json.loads((Path(run_dir) / "calibration.json").read_text())["temperature"] if (Path(run_dir) / "calibration.json").exists() \
-            else C.fit_temperature(logits, val.labels)
+        t = RunDir(run_dir).temperature()
+        t = C.fit_temperature(logits, val.labels) if t is None else t
         members.append((logits, t, cfg))
     _, val, cfg = first
     probs = np.mean([C.softmax(lg.astype(np.float64), t) for lg, t, _ in members], axis=0)

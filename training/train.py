@@ -1,13 +1,12 @@
 """Training: one architecture on one split, with augmentation, class balance, early stopping on validation macro AUC,
 the best checkpoint kept, and resume from the last epoch.
 
-A run folder holds: config.json, split.csv, skipped.csv, train.log, history.json, best.pt, last.pt.
+The run folder's files: training/runs.py.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from training import data as D
 from training.config import TrainConfig
 from training.metrics import macro_auc
+from training.runs import RunDir
 from training.models import backbone_blocks, build_model, set_trainable_top
 
 log = logging.getLogger("cxr.training")
@@ -33,7 +33,7 @@ def setup_logging(run_dir: Path) -> None:
         if getattr(h, "_cxr_run", False):
             logger.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler()):
+    for handler in (logging.FileHandler(run_dir / RunDir.LOG), logging.StreamHandler()):
         handler.setFormatter(fmt)
         handler._cxr_run = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
@@ -51,7 +51,7 @@ def prepare_split(cfg: TrainConfig, run_dir: Path, facts: dict | None = None) ->
     """Read the images and split them; a run folder that already has split.csv reuses it (resume, evaluation).
     Returns (training set after label cleaning, the whole validation split); `facts` (if given) receives what the
     label cleaning removed and the counts per class and source."""
-    split_path = run_dir / D.SPLIT_FILE
+    split_path = run_dir / RunDir.SPLIT
     roots = D.data_roots(cfg.data, cfg.extra_data)
     if split_path.is_file():
         samples, split = D.read_split(split_path, cfg.classes)
@@ -74,12 +74,12 @@ def prepare_split(cfg: TrainConfig, run_dir: Path, facts: dict | None = None) ->
             label = cfg.classes.index(cfg.site_check_class)
             split = D.move_patients_to_validation(everything.samples, split, lambda s: s.dataset != "" and s.label == label)
         D.write_split(split_path, everything.samples, split, cfg.classes)
-        with open(run_dir / "skipped.csv", "w", newline="") as fh:
+        with open(run_dir / RunDir.SKIPPED, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["file", "reason"])
             writer.writerows([[s.file, s.reason] for s in skipped])
     if skipped:
-        log.warning("%d unreadable images skipped (listed in %s)", len(skipped), run_dir / "skipped.csv")
+        log.warning("%d unreadable images skipped (listed in %s)", len(skipped), run_dir / RunDir.SKIPPED)
     is_val = np.array([side == "val" for side in split], dtype=bool)
     dropped = training_exclusions(cfg, everything.samples)
     if dropped.any():
@@ -164,9 +164,11 @@ def augment(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -
     angle = uniform(-cfg.rotation, cfg.rotation) * math.pi / 180
     scale = uniform(1 - cfg.zoom, 1 + cfg.zoom)
     flip = torch.where(chosen(0.5), -1.0, 1.0) if cfg.hflip else torch.ones(n)
-    sx, sy = uniform(1 - cfg.crop, 1.0), uniform(1 - cfg.crop, 1.0)  # the share of each side a crop keeps
-    tx = uniform(-cfg.shift, cfg.shift) * 2 + uniform(-1, 1) * (1 - sx)
-    ty = uniform(-cfg.shift, cfg.shift) * 2 + uniform(-1, 1) * (1 - sy)
+    tx, ty = uniform(-cfg.shift, cfg.shift) * 2, uniform(-cfg.shift, cfg.shift) * 2
+    sx = sy = torch.ones(n)
+    if cfg.crop > 0:  # (drawn only when asked for, so runs without it keep their random stream)
+        sx, sy = uniform(1 - cfg.crop, 1.0), uniform(1 - cfg.crop, 1.0)  # the share of each side a crop keeps
+        tx, ty = tx + uniform(-1, 1) * (1 - sx), ty + uniform(-1, 1) * (1 - sy)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos * sx * flip, -sin * sy, tx], 1), torch.stack([sin * sx * flip, cos * sy, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
@@ -231,22 +233,23 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int =
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int | None = None) -> dict:
     """Train one architecture into run_dir; resumes from last.pt when present. Returns the run summary.
     stop_after: end this call after that many epochs (the run can be resumed; a time-boxed session)."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    last_path = run_dir / "last.pt"
-    if resume and last_path.is_file() and (run_dir / "config.json").is_file():
-        saved = TrainConfig.load(run_dir / "config.json")
+    last_path = run / RunDir.LAST
+    if resume and last_path.is_file() and run.is_run():
+        saved = run.config()
         saved.epochs = cfg.epochs  # the one setting a resume may change: train longer
         cfg = saved
     torch.manual_seed(cfg.seed)
     device = pick_device()
     facts: dict = {}
     train_set, val_set = prepare_split(cfg, run_dir, facts)
-    cfg.save(run_dir / "config.json")
-    (run_dir / "data.json").write_text(json.dumps(facts, indent=2) + "\n")
+    cfg.save(run / RunDir.CONFIG)
+    run.write_json(RunDir.DATA, facts)
     log.info("run %s: %s, %d train / %d val images, image size %d, device %s, %d CPU threads", run_dir, cfg.architecture,
              len(train_set.labels), len(val_set.labels), cfg.image_size, device, torch.get_num_threads())
     log.info("train class counts %s; val class counts %s", np.bincount(train_set.labels, minlength=len(cfg.classes)).tolist(),
@@ -261,7 +264,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
 
     model = build_model(cfg.architecture, len(cfg.classes), cfg.weights, cfg.dropout).to(device)
     if model.pretrained:
-        (run_dir / "pretrained.json").write_text(json.dumps(model.pretrained, indent=2) + "\n")
+        run.write_json(RunDir.PRETRAINED, model.pretrained)
     optimizer, max_lrs = _optimizer(model, cfg)
     steps_per_epoch = max(1, math.ceil(len(train_set.labels) / cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=cfg.epochs * steps_per_epoch,
@@ -366,9 +369,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         }
         history.append(record)
         auc = record["val_macro_auc"]
-        if auc > best_auc or not (run_dir / "best.pt").exists():  # NaN (a class absent from val) never "improves"
+        if auc > best_auc or not (run / RunDir.BEST).exists():  # NaN (a class absent from val) never "improves"
             best_auc, stale = (auc if not math.isnan(auc) else best_auc), 0
-            torch.save({"model": kept.state_dict(), "epoch": epoch + 1, "val_macro_auc": auc}, run_dir / "best.pt")
+            torch.save({"model": kept.state_dict(), "epoch": epoch + 1, "val_macro_auc": auc}, run / RunDir.BEST)
         else:
             stale += 1
         log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro AUC %.4f%s | %.1f images/s, %.0f s",
@@ -379,7 +382,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "total_steps": scheduler.total_steps, "history": history, "best_auc": best_auc, "stale": stale,
                     "epoch": epoch + 1, "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, last_path)
-        (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        run.write_json(RunDir.HISTORY, history, indent=1)
         if stop_after is not None and epoch + 1 - start_epoch >= stop_after:
             log.info("stopping after %d epoch(s) as asked; resume with the same command", stop_after)
             break
@@ -457,9 +460,9 @@ def _freeze_bn_of_frozen_blocks(model: torch.nn.Module) -> None:
             block.eval()
 
 
-def load_model(run_dir: Path, checkpoint: str = "best.pt") -> tuple[torch.nn.Module, TrainConfig]:
+def load_model(run_dir: Path, checkpoint: str = RunDir.BEST) -> tuple[torch.nn.Module, TrainConfig]:
     """The trained network of a run (eval mode, CPU)."""
-    cfg = TrainConfig.load(Path(run_dir) / "config.json")
+    cfg = RunDir(run_dir).config()
     model = build_model(cfg.architecture, len(cfg.classes), "none", cfg.dropout)
     state = torch.load(Path(run_dir) / checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
