@@ -107,6 +107,7 @@ def _metrics(labels: np.ndarray, raw: np.ndarray, probs: np.ndarray, classes: li
             "auc_among_its_classes": macro_auc(labels[m], probs[m], present) if len(present) > 1 else None,
             "per_class_recall": {classes[c]: float((pred[m][labels[m] == c] == c).mean()) for c in present},
             "predicted": {classes[c]: int((pred[m] == c).sum()) for c in range(n)},
+            "confusion_matrix": confusion_matrix(labels[m], pred[m], labels=list(range(n))).tolist(),
             "ece_after": C.expected_calibration_error(probs[m], labels[m]),
         }
     return metrics
