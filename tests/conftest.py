@@ -38,6 +38,12 @@ def cxr_raw_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cxr_adult_viral_dir() -> Path:
+    """Adult viral pneumonia (COVID-19) radiographs from three sites and 20 same-site normals (CXR_ADULT_VIRAL_DATA)."""
+    return _data_dir("CXR_ADULT_VIRAL_DATA", SHARED_DATA / "cxr-adult-viral")
+
+
+@pytest.fixture(scope="session")
 def dicom_dir() -> Path:
     """Real chest DICOM files (CXR_DICOM_DATA)."""
     return _data_dir("CXR_DICOM_DATA", SHARED_DATA / "dicom")

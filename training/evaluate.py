@@ -13,31 +13,12 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support, roc_curve
 
 from training import calibrate as C
+from training.metrics import binary_auc, macro_auc
+from training.runs import RunDir
 
 log = logging.getLogger("cxr.training")
 BOOTSTRAP_ROUNDS = 1000
 NOT_CLINICAL = "Research software: not for clinical use."
-
-
-def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged: equals sklearn's roc_auc_score, much faster."""
-    from scipy.stats import rankdata
-
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _auc(labels: np.ndarray, probs: np.ndarray, classes: list[int]) -> float:
-    """Macro one-vs-rest AUC over the given classes (those present in `labels`)."""
-    scores = []
-    for c in classes:
-        positive = labels == c
-        if positive.all() or not positive.any():
-            continue
-        scores.append(_binary_auc(positive, probs[:, c]))
-    return float(np.mean(scores)) if scores else float("nan")
 
 
 def core_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict:
@@ -50,7 +31,7 @@ def core_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dic
     recall = np.divide(tp, cm.sum(1), out=np.zeros(num_classes), where=cm.sum(1) > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(num_classes), where=(precision + recall) > 0)
     return {"accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
-            "macro_auc": _auc(labels, probs, list(range(num_classes))),
+            "macro_auc": macro_auc(labels, probs, list(range(num_classes))),
             "macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean())}
 
 
@@ -67,14 +48,36 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, num_classes: int, rounds
         return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
 
 
+CONSISTENT_SUBSET = "consistent_subset"
+CONSISTENT_DEFINITION = ("the validation images whose label no radiologist contradicted (radiologist_labels.csv "
+                         "rsna_verdict != 'contradicts'); the same temperature as the whole split")
+
+
 def evaluate_predictions(labels: np.ndarray, logits: np.ndarray, classes: list[str], sources: list[str],
-                         temperature: float | None = None, probs: np.ndarray | None = None) -> dict:
-    """All metrics for one set of predictions. `probs` (calibrated) may be given directly (the ensemble's)."""
-    n = len(classes)
+                         temperature: float | None = None, probs: np.ndarray | None = None,
+                         contradicted: np.ndarray | None = None) -> dict:
+    """All metrics for one set of predictions, overall and per source. `probs` (calibrated) may be given directly
+    (the ensemble's). `contradicted` (bool per image): the same metrics again on the radiologist-consistent subset."""
     raw = C.softmax(logits.astype(np.float64))
     if probs is None:
         temperature = C.fit_temperature(logits, labels) if temperature is None else temperature
         probs = C.softmax(logits.astype(np.float64), temperature)
+    metrics = _metrics(labels, raw, probs, classes, np.array(sources))
+    metrics["temperature"] = temperature
+    if temperature is not None:
+        # T is fitted on this same split: the cross-fitted ECE is the honest "after" number
+        metrics["ece_after_cross_fitted"] = C.cross_fitted_ece(logits, labels)
+    if contradicted is not None:
+        keep = ~np.asarray(contradicted, dtype=bool)
+        metrics[CONSISTENT_SUBSET] = {"definition": CONSISTENT_DEFINITION, "excluded": int((~keep).sum()),
+                                      **_metrics(labels[keep], raw[keep], probs[keep], classes, np.array(sources)[keep])}
+        if temperature is not None and keep.any():
+            metrics[CONSISTENT_SUBSET]["ece_after_cross_fitted"] = C.cross_fitted_ece(logits[keep], labels[keep])
+    return metrics
+
+
+def _metrics(labels: np.ndarray, raw: np.ndarray, probs: np.ndarray, classes: list[str], src: np.ndarray) -> dict:
+    n = len(classes)
     pred = probs.argmax(1)
     per_class_p, per_class_r, per_class_f, support = precision_recall_fscore_support(
         labels, pred, labels=list(range(n)), zero_division=0)
@@ -83,29 +86,29 @@ def evaluate_predictions(labels: np.ndarray, logits: np.ndarray, classes: list[s
         "n": int(len(labels)),
         "per_class": {classes[c]: {"precision": float(per_class_p[c]), "recall": float(per_class_r[c]),
                                    "f1": float(per_class_f[c]), "support": int(support[c]),
-                                   "auc": _auc(labels, probs, [c])} for c in range(n)},
+                                   "auc": macro_auc(labels, probs, [c])} for c in range(n)},
         "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(n))).tolist(),
         "classification_report": classification_report(labels, pred, labels=list(range(n)), target_names=classes,
                                                        digits=3, zero_division=0),
-        "temperature": temperature,
         "ece_before": C.expected_calibration_error(raw, labels),
         "ece_after": C.expected_calibration_error(probs, labels),
         "ci95": bootstrap_ci(labels, probs, n),
         "per_source": {},
     })
-    if temperature is not None:
-        # T is fitted on this same split: the cross-fitted ECE is the honest "after" number
-        metrics["ece_after_cross_fitted"] = C.cross_fitted_ece(logits, labels)
-    src = np.array(sources)
-    for source in sorted(set(sources)):
+    for source in sorted(set(src.tolist())):
         m = src == source
         present = sorted(set(labels[m].tolist()))
-        acc_ci = bootstrap_ci(labels[m], probs[m], n, rounds=300)["accuracy"]
+        core = core_metrics(labels[m], probs[m], n)
         metrics["per_source"][source] = {
-            "n": int(m.sum()), "accuracy": float((pred[m] == labels[m]).mean()), "accuracy_ci95": acc_ci,
+            "n": int(m.sum()), "accuracy": core["accuracy"],
+            "accuracy_ci95": bootstrap_ci(labels[m], probs[m], n, rounds=300)["accuracy"],
             "classes": [classes[c] for c in present],
-            "auc_among_its_classes": _auc(labels[m], probs[m], present) if len(present) > 1 else None,
+            # one source often holds two classes (NIH: Normal and Lung_Opacity): the AUC between those
+            "auc_among_its_classes": macro_auc(labels[m], probs[m], present) if len(present) > 1 else None,
             "per_class_recall": {classes[c]: float((pred[m][labels[m] == c] == c).mean()) for c in present},
+            "predicted": {classes[c]: int((pred[m] == c).sum()) for c in range(n)},
+            "confusion_matrix": confusion_matrix(labels[m], pred[m], labels=list(range(n))).tolist(),
+            "ece_after": C.expected_calibration_error(probs[m], labels[m]),
         }
     return metrics
 
@@ -148,7 +151,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Pa
     for c, name in enumerate(classes):
         if (labels == c).any() and not (labels == c).all():
             fpr, tpr, _ = roc_curve(labels == c, probs[:, c])
-            ax.plot(fpr, tpr, label=f"{name} (AUC {_binary_auc(labels == c, probs[:, c]):.3f})")
+            ax.plot(fpr, tpr, label=f"{name} (AUC {binary_auc(labels == c, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC one-vs-rest: {title}")
     ax.legend(loc="lower right", fontsize=8)
@@ -213,31 +216,45 @@ def evaluate_run(run_dir: Path, data_dir: str | None = None, plots: bool = True,
     metrics.json and the PNG plots into the run folder."""
     run_dir = Path(run_dir)
     calibration, logits, val, cfg = C.fit_run(run_dir, data_dir, target_accuracy)
-    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, temperature=calibration.temperature)
+    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, temperature=calibration.temperature,
+                                   contradicted=_contradicted(val))
     metrics.update(operating_point=calibration.operating_point, input_gate=calibration.input_gate)
-    history = json.loads((run_dir / "history.json").read_text())
+    run = RunDir(run_dir)
+    history = run.history()
     metrics.update(_run_facts(run_dir, cfg, history, val))
     _write(run_dir, metrics, val.labels, C.softmax(logits.astype(np.float64)),
            C.softmax(logits.astype(np.float64), metrics["temperature"]), cfg.classes, history, cfg.architecture, plots)
-    np.save(run_dir / "val_logits.npy", logits)
+    np.save(run / RunDir.VAL_LOGITS, logits)
     return metrics
+
+
+def _contradicted(val) -> np.ndarray | None:
+    """Per validation image: did a radiologist contradict its label? None when the run has no radiologist labels."""
+    if not any(s.radiologist for s in val.samples):
+        return None
+    return np.array([s.contradicted for s in val.samples], dtype=bool)
 
 
 def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
     import torch
 
-    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
-    split = (run_dir / "split.csv").read_text().splitlines()[1:]
+    run = RunDir(run_dir)
+    best = torch.load(run / RunDir.BEST, map_location="cpu", weights_only=False)
+    split = (run / RunDir.SPLIT).read_text().splitlines()[1:]
+    data_facts, pretrained = run.data_facts(), run.pretrained()
+    train_images = (sum(sum(c.values()) for c in data_facts["train"].values()) if "train" in data_facts
+                    else sum(1 for r in split if ",train," in r))
     return {
         # the run's folder name too when it says more than the architecture (two runs of one architecture)
         "model": cfg.architecture if run_dir.name == cfg.architecture else f"{cfg.architecture} ({run_dir.name})",
         "architecture": cfg.architecture, "run_dir": str(run_dir),
         "data": cfg.data, "manifest": cfg.manifest, "classes": cfg.classes, "synthetic_demo": cfg.synthetic_demo,
-        "split": {"file": "split.csv", "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+        "split": {"file": RunDir.SPLIT, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
                   "patient_disjoint": cfg.manifest is not None,
-                  "train_images": sum(1 for r in split if ",train," in r), "val_images": len(val.labels)},
+                  "train_images": train_images, "val_images": len(val.labels)},
+        "label_policy": cfg.label_policy, "data_summary": data_facts, "pretrained": pretrained,
         "image_size": cfg.image_size, "weights": cfg.weights, "epochs_run": len(history), "best_epoch": best["epoch"],
-        "wall_seconds": sum(h["epoch_seconds"] for h in history),
+        "wall_seconds": sum(h["epoch_seconds"] + h.get("cache_seconds", 0.0) for h in history),
         "train_images_per_second": float(np.median([h["train_images_per_second"] for h in history])),
         "evaluated_on": "validation split (also used for early stopping and to fit the temperature)",
         "note": NOT_CLINICAL,
@@ -246,7 +263,7 @@ def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
 
 def _write(out: Path, metrics: dict, labels, raw, calibrated, classes, history, title, plots: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / RunDir.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     if not plots:
         return
     if history:
@@ -272,13 +289,14 @@ def evaluate_ensemble(run_dirs: list[Path], out_dir: Path, data_dir: str | None 
             first = (files, val, cfg)
         elif files != first[0]:
             raise ValueError(f"{run_dir} was validated on a different split; ensemble members must share one split")
-        t = json.loads((Path(run_dir) / "calibration.json").read_text())["temperature"] if (Path(run_dir) / "calibration.json").exists() \
-            else C.fit_temperature(logits, val.labels)
+        t = RunDir(run_dir).temperature()
+        t = C.fit_temperature(logits, val.labels) if t is None else t
         members.append((logits, t, cfg))
     _, val, cfg = first
     probs = np.mean([C.softmax(lg.astype(np.float64), t) for lg, t, _ in members], axis=0)
     logits = np.mean([lg for lg, _, _ in members], axis=0)
-    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, probs=probs)
+    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, probs=probs,
+                                   contradicted=_contradicted(val))
     metrics.update({"model": "ensemble", "architecture": "ensemble", "members": [str(r) for r in run_dirs],
                     "data": cfg.data, "classes": cfg.classes, "image_size": cfg.image_size,
                     "synthetic_demo": any(c.synthetic_demo for _, _, c in members), "note": NOT_CLINICAL,
@@ -297,9 +315,11 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def comparison_table(all_metrics: list[dict]) -> str:
-    """The seed's table (Model, Val Accuracy, ROC AUC, Precision, Recall, F1) plus the facts that qualify it."""
+    """The seed's table (Model, Val Accuracy, ROC AUC, Precision, Recall, F1) plus the facts that qualify it: the
+    radiologist-consistent subset, per-source accuracy (and NIH's Normal-vs-Lung_Opacity AUC), calibration, cost."""
     sources = sorted({s for m in all_metrics for s in m["per_source"]})
     head = ["Model", "Val Accuracy (95% CI)", "ROC AUC (95% CI)", "Precision", "Recall", "F1",
+            "Consistent subset: acc. / AUC / ECE", "NIH AUC (whole / consistent)",
             *[f"Acc. {s}" for s in sources], "ECE before → after", "Image size", "Epochs (best)", "Train wall time",
             "Train images/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -310,10 +330,15 @@ def comparison_table(all_metrics: list[dict]) -> str:
         ece_after = m.get("ece_after_cross_fitted", m["ece_after"])
         epochs = f"{m['epochs_run']} ({m['best_epoch']})" if m.get("epochs_run") else "–"
         wall = f"{m['wall_seconds'] / 60:.1f} min" if m.get("wall_seconds") else "–"
+        sub = m.get(CONSISTENT_SUBSET)
+        consistent = (f"{_fmt(sub['accuracy'])} / {_fmt(sub['macro_auc'])} / "
+                      f"{_fmt(sub.get('ece_after_cross_fitted', sub['ece_after']))} (n={sub['n']})" if sub else "–")
+        nih = [x["per_source"].get("nih", {}).get("auc_among_its_classes") for x in (m, sub) if x]
         lines.append("| " + " | ".join([
             m["model"], f"{_fmt(m['accuracy'])} ({_fmt(ci['accuracy'][0])}–{_fmt(ci['accuracy'][1])})",
             f"{_fmt(m['macro_auc'])} ({_fmt(ci['macro_auc'][0])}–{_fmt(ci['macro_auc'][1])})",
-            _fmt(m["macro_precision"]), _fmt(m["macro_recall"]), _fmt(m["macro_f1"]), *src,
+            _fmt(m["macro_precision"]), _fmt(m["macro_recall"]), _fmt(m["macro_f1"]), consistent,
+            " / ".join(_fmt(v) for v in nih) if any(v is not None for v in nih) else "–", *src,
             f"{_fmt(m['ece_before'])} → {_fmt(ece_after)}", str(m["image_size"]), epochs, wall,
             _fmt(m.get("train_images_per_second"), 1)]) + " |")
     return "\n".join(lines) + "\n"

@@ -112,7 +112,7 @@ def _parity_images(cfg: TrainConfig, run_dir: Path, count: int = PARITY_IMAGES) 
     val = [s for s, side in zip(samples, split) if side == "val"]
     # evenly spaced over the split (which lists the classes in turn), so every class is in the check
     val = [val[i] for i in np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int)] if val else []
-    images, _ = D.load_images(Path(cfg.data), val, cfg.image_size)
+    images, _ = D.load_images(D.data_roots(cfg.data, cfg.extra_data), val, cfg.image_size)
     if len(images.images) == 0:
         raise ExportError(f"no readable validation images in {cfg.data} for the parity check")
     return images.images[:, None]
@@ -169,7 +169,8 @@ def check_parity(module: nn.Module, onnx_path: Path, images: np.ndarray) -> dict
 
 def _metrics_summary(metrics: dict) -> dict:
     keys = ("accuracy", "macro_auc", "macro_precision", "macro_recall", "macro_f1", "ci95", "per_class", "per_source",
-            "confusion_matrix", "ece_before", "ece_after", "ece_after_cross_fitted", "temperature", "n", "evaluated_on")
+            "confusion_matrix", "ece_before", "ece_after", "ece_after_cross_fitted", "temperature", "n", "evaluated_on",
+            "consistent_subset")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -203,6 +204,17 @@ def _card(cfg: TrainConfig, metrics: dict, parity: dict, calibration: Calibratio
     }
 
 
+def _data_card(run_dir: Path, cfg: TrainConfig) -> dict:
+    """The model card's account of the training data: label cleaning, counts per source, pretrained weights, caveats."""
+    from training.caveats import caveats
+
+    facts = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    pretrained = run_dir / "pretrained.json"
+    return {"label_policy": cfg.label_policy, "training_data": facts,
+            "pretrained": json.loads(pretrained.read_text()) if pretrained.is_file() else None,
+            "caveats": caveats(cfg.classes, facts, cfg.label_policy)}
+
+
 def export_run(run_dir: Path, repo: Path, name: str | None = None, data_dir: str | None = None) -> Path:
     """Export one evaluated run as a new version of model `name` (default: its architecture). Returns the version folder."""
     run_dir = Path(run_dir)
@@ -211,7 +223,7 @@ def export_run(run_dir: Path, repo: Path, name: str | None = None, data_dir: str
     metrics = json.loads((run_dir / "metrics.json").read_text())
     settings = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k not in ("data", "manifest")}
     return _write(module, cfg, _parity_images(cfg, run_dir), repo, name or cfg.architecture, metrics, calibration,
-                  {"architecture": cfg.architecture, "training": settings,
+                  {"architecture": cfg.architecture, "training": settings, **_data_card(run_dir, cfg),
                    "training_history": {"epochs_run": metrics.get("epochs_run"), "best_epoch": metrics.get("best_epoch"),
                                         "wall_seconds": metrics.get("wall_seconds"),
                                         "train_images_per_second": metrics.get("train_images_per_second")}})
@@ -253,7 +265,8 @@ def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble", da
                           "val_accuracy": json.loads((r / "metrics.json").read_text())["accuracy"]}
                          for c, m, r in zip(cfgs, members, run_dirs)],
              "combination": "mean of the members' calibrated probabilities (logits and cam: mean too); ood_score: "
-                            "the largest member score over the ensemble's own threshold"}
+                            "the largest member score over the ensemble's own threshold",
+             **_data_card(Path(run_dirs[0]), first)}
     metrics.setdefault("split", json.loads((run_dirs[0] / "metrics.json").read_text()).get("split"))
     return _write(module, first, _parity_images(first, run_dirs[0]), repo, name, metrics, calibration, extra)
 

