@@ -91,14 +91,14 @@ def test_train_all_architectures_skips_unreadable_files_and_evaluates_the_folder
     out = tmp_path / "runs"
     assert main(["train", "--data", str(data), "--arch", "all", "--out", str(out), "--epochs", "1",
                  "--image-size", "64", "--batch-size", "8"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["custom_cnn", "mobilenet", "resnet50"]
+    assert sorted(p.name for p in out.iterdir()) == ["custom_cnn", "efficientnet_lite0", "mobilenet", "resnet50"]
     for run in out.iterdir():
         assert "Normal/broken.png" in (run / "skipped.csv").read_text()
         assert "Normal/broken.png" not in (run / "split.csv").read_text()
         assert "FROM SCRATCH" in (run / "train.log").read_text()
     assert main(["evaluate", str(out)]) == 0
     rows = (out / "comparison.md").read_text().splitlines()[2:]
-    assert [r.split("|")[1].strip() for r in rows] == ["custom_cnn", "mobilenet", "resnet50"]
+    assert [r.split("|")[1].strip() for r in rows] == ["custom_cnn", "efficientnet_lite0", "mobilenet", "resnet50"]
 
 
 def test_evaluate_and_export_after_the_data_moved(trained_repository, cxr_raw_dir, tmp_path, capsys):
