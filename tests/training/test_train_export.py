@@ -79,7 +79,7 @@ def test_graph_contract_on_real_images(trained_repository, cxr_raw_dir, name):
     for batch in (images, images[:1]):
         probs, logits, cam, ood_score = session.run(["probabilities", "logits", "cam", "ood_score"], {"image": batch})
         assert probs.shape == logits.shape == (len(batch), 3) and cam.shape == (len(batch), 3, 2, 2)
-        assert ood_score.shape == (len(batch),) and ood_score.dtype == np.float32 and (ood_score >= 0).all()
+        assert ood_score.shape == (len(batch), 1) and ood_score.dtype == np.float32 and (ood_score >= 0).all()
         np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     if name != "ensemble":  # probabilities are the calibrated softmax of the logits, T from the model card
         card = repository.read_model_card(trained_repository / name / "1")
@@ -208,7 +208,7 @@ def test_the_graph_refuses_clearly_off_inputs_and_accepts_its_validation_radiogr
     off = [load_for_model(data, 64) for name, data in gate_corpus.gradients() if name in CLEARLY_OFF]
     assert len(off) == len(CLEARLY_OFF)
     (scores,) = session.run(["ood_score"], {"image": np.stack(off)[:, None]})
-    assert (scores > 1.0).all(), scores
+    assert scores.shape == (len(off), 1) and (scores > 1.0).all(), scores
     files = [str(f) for f in Calibration.gate_arrays(run)["val_files"]]
     val = np.stack([load_for_model(cxr_raw_dir / f, 64) for f in files])[:, None]
     (val_scores,) = session.run(["ood_score"], {"image": val})
