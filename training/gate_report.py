@@ -27,11 +27,11 @@ def _session(version_dir: Path):
 
 
 def _run(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ood_score [N], logits [N,C]) of uint8 [N,S,S] images."""
+    """(ood_score [N] (the graph's [N, 1]), logits [N,C]) of uint8 [N,S,S] images."""
     scores, logits = [], []
     for i in range(0, len(images), 32):
         s, lg = session.run(["ood_score", "logits"], {"image": images[i : i + 32, None]})
-        scores.append(s)
+        scores.append(s.reshape(-1))
         logits.append(lg)
     return np.concatenate(scores), np.concatenate(logits)
 

@@ -185,7 +185,7 @@ def forward_features(model, images: np.ndarray, batch_size: int = 32) -> tuple[n
 
 
 def score_module(gate: Gate):
-    """An nn.Module: the backbone blocks' outputs (CxrNet.forward_all's taps) -> ood_score [N] float32, 1.0 = threshold.
+    """An nn.Module: the backbone blocks' outputs (CxrNet.forward_all's taps) -> ood_score [N, 1] float32, 1.0 = threshold.
     The distances are computed in float64 (ONNX DOUBLE; onnxruntime's CPU and CUDA providers run it)."""
     import torch
     from torch import nn
@@ -209,6 +209,6 @@ def score_module(gate: Gate):
                 d = ((diff @ getattr(self, f"whitening_{i}")) ** 2).sum(-1)  # [N, C]
                 part = d.min(dim=1).values * getattr(self, f"scale_{i}")
                 total = part if total is None else total + part
-            return total.float()
+            return total.float().unsqueeze(1)  # [N, 1]: Triton needs a non-empty dims beside the batch axis
 
     return MahalanobisScore()

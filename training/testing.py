@@ -6,7 +6,7 @@ small subset of real radiographs at 64x64, exported exactly as `cxr export` does
         mobilenet/1, resnet50/1
         ensemble/1                   one graph averaging custom_cnn (v1's run), mobilenet and resnet50
 
-Every model: input `image` uint8 [N,1,64,64], outputs probabilities/logits [N,3], cam [N,3,2,2], ood_score [N]. Tiny training:
+Every model: input `image` uint8 [N,1,64,64], outputs probabilities/logits [N,3], cam [N,3,2,2], ood_score [N,1]. Tiny training:
 the accuracy is low and means nothing; the files, layout and graphs are real.
 """
 

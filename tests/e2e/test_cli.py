@@ -49,7 +49,9 @@ def test_classify_table_and_heatmaps(gateway_service, dicom_dir: Path, tmp_path:
     result = _cxr("classify", "--server", gateway_service.address, "--heatmap", str(out), *map(str, files))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:4] == ["file", "model", "version", "top"] and "Normal" in lines[0]
+    assert lines[0].split()[:5] == ["file", "model", "version", "answer", "top"] and "Normal" in lines[0]
+    assert "ood score" in lines[0]  # the input gate's score (and its threshold) of each file
+    assert all("(gate 1.00)" in line for line in lines[1:3])
     assert lines[1].startswith("CR-MONO1-10-chest.dcm") and lines[2].startswith("Fake_MONOHR1.dcm")
     assert "note: MONOCHROME1 inverted" in result.stdout and "not for clinical use" in result.stdout
     for source in files:

@@ -65,7 +65,8 @@ def test_model_metadata_and_config_describe_the_exported_graph(client, served_re
     (image,) = metadata.inputs
     assert (image.name, image.datatype, list(image.shape)) == ("image", "UINT8", [-1, 1, 64, 64])
     outputs = {o.name: (o.datatype, list(o.shape)) for o in metadata.outputs}
-    assert outputs == {"probabilities": ("FP32", [-1, 3]), "logits": ("FP32", [-1, 3]), "cam": ("FP32", [-1, 3, 2, 2])}
+    assert outputs == {"probabilities": ("FP32", [-1, 3]), "logits": ("FP32", [-1, 3]), "cam": ("FP32", [-1, 3, 2, 2]),
+                       "ood_score": ("FP32", [-1, 1])}
 
     config = client.get_model_config("custom_cnn").config  # decoded with tritonclient's full ModelConfig
     assert config.name == "custom_cnn" and config.max_batch_size == 32
