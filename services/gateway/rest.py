@@ -1,8 +1,8 @@
 """The gateway's HTTP/JSON API and its upload page: a thin adapter over the same `GatewayService` the gRPC port
 serves, so the input checks, limits, busy refusal, metrics and PHI-free log line are the gRPC path's.
 
-    POST /v1/classify   the image as the raw body (Content-Type image/png, image/jpeg, application/dicom or
-                        application/octet-stream) or a multipart upload (field `image`); `model`, `version`,
+    POST /v1/classify   the image as the raw body (Content-Type image/png, image/jpeg or application/dicom name
+                        the format; any other type is sniffed) or a multipart upload (field `image`); `model`, `version`,
                         `heatmap`, `format`, `request_id` as query or form fields -> cxr.v1.ClassifyResponse
     GET  /v1/models     -> cxr.v1.ListModelsResponse
     GET  /healthz       200 {"status": "SERVING"} while the gateway can serve, else 503 (no token needed)
@@ -77,11 +77,8 @@ def classify_request(image: bytes, fields, media_type: str = "") -> pb.ClassifyR
     """A cxr.v1.ClassifyRequest from the image bytes and the request's query or form `fields` (a mapping)."""
     fmt = (fields.get("format") or "").strip().lower()
     if not fmt:
-        media = media_type.split(";")[0].strip().lower()
-        if media not in MEDIA_FORMATS:
-            raise invalid(f"unsupported Content-Type {media!r}: send application/dicom, image/png, image/jpeg, "
-                          "application/octet-stream or a multipart/form-data upload", "bad_format")
-        fmt = MEDIA_FORMATS[media]
+        # any other type (curl's default x-www-form-urlencoded, image/x-dicom, ...): the reader sniffs the bytes
+        fmt = MEDIA_FORMATS.get(media_type.split(";")[0].strip().lower(), "")
     if fmt not in FORMATS:
         raise invalid(f"format must be one of dicom, png, jpeg or auto, received {fmt!r}", "bad_format")
     if not image:
@@ -156,9 +153,6 @@ def build_app(gateway):
                 raise invalid("the multipart upload has no file field 'image'", "empty")
             image = await upload.read()
             media_type = upload.content_type or ""
-            if media_type.startswith("image/") and media_type not in MEDIA_FORMATS:
-                media_type = ""  # e.g. image/x-dicom from a browser: let the reader sniff
-            media_type = media_type if media_type in MEDIA_FORMATS else ""
         else:
             image = body
         request_id = request.headers.get("x-request-id")
