@@ -81,8 +81,6 @@ def classify_request(image: bytes, fields, media_type: str = "") -> pb.ClassifyR
         fmt = MEDIA_FORMATS.get(media_type.split(";")[0].strip().lower(), "")
     if fmt not in FORMATS:
         raise invalid(f"format must be one of dicom, png, jpeg or auto, received {fmt!r}", "bad_format")
-    if not image:
-        raise invalid("no image: send the file as the request body or as the multipart field 'image'", "empty")
     return pb.ClassifyRequest(
         image=image, format=FORMATS[fmt], model_name=(fields.get("model") or "").strip(),
         model_version=(fields.get("version") or "").strip(), request_id=(fields.get("request_id") or "").strip(),
