@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -97,3 +98,23 @@ class HttpServer:
             await self._main
         await self.server.shutdown(sockets=[self._socket] if self._socket else None)
         self._main = None
+
+
+def unwrapped(method):
+    """A servicer method without its `@aborts_on_error` wrapper (which is gRPC's: it turns a ServiceError into
+    `context.abort(code, message)`), so an HTTP adapter gets the ServiceError whole, reason included."""
+    inner = getattr(method, "__wrapped__", None)
+    return functools.partial(inner, method.__self__) if inner is not None else method
+
+
+def internal_error_handler(logger):
+    """An exception handler for what is not a ServiceError: a bug of ours, logged with its trace by type, answered
+    500 without quoting the request (the same rule as `aborts_on_error` on gRPC)."""
+    from starlette.responses import JSONResponse
+
+    async def handle(request, exc):
+        logger.error("internal error in %s %s: %s", request.method, request.scope.get("route").path
+                     if request.scope.get("route") else "?", type(exc).__name__, exc_info=exc)
+        return JSONResponse({"error": "internal error in the server; see its log"}, status_code=500)
+
+    return handle

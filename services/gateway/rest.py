@@ -17,6 +17,7 @@ With tokens configured, /v1/* need `Authorization: Bearer <token>` (401 otherwis
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import grpc
@@ -25,8 +26,9 @@ from starlette.requests import Request  # module level: FastAPI resolves the han
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from services.common.errors import ServiceError, invalid
-from services.common.http import BodyTooLarge, read_body
+from services.common.http import BodyTooLarge, read_body, unwrapped
 
+log = logging.getLogger("cxr.gateway")
 STATIC = Path(__file__).parent / "static"
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the other fields, beyond the image itself
 FORMATS = {
@@ -43,7 +45,8 @@ TRUE, FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 
 class _Call:
     """The gRPC context a servicer method needs, for a call that came over HTTP: no client deadline (the
-    gateway's request_timeout_s applies), and `abort` raises the ServiceError `@aborts_on_error` hands it."""
+    gateway's request_timeout_s applies). The methods are called `unwrapped`, so their ServiceErrors reach the
+    handlers below whole; `abort` is there for a method that aborts by itself."""
 
     def time_remaining(self):
         return None
@@ -113,6 +116,12 @@ def build_app(gateway):
     async def _service_error(request, e: ServiceError):
         return refuse(e.http_status, e.code, e.message, e.reason)
 
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.error("internal error in the HTTP adapter", extra={"fields": {"path": request.url.path,
+                                                                          "exc_type": type(e).__name__}})
+        return refuse(500, grpc.StatusCode.INTERNAL, f"internal gateway error ({type(e).__name__})", "internal")
+
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request, e: BodyTooLarge):
         return refuse(413, grpc.StatusCode.INVALID_ARGUMENT,
@@ -136,7 +145,7 @@ def build_app(gateway):
 
     @app.get("/v1/models")
     async def list_models():
-        return to_json(await service.ListModels(pb.ListModelsRequest(), call))
+        return to_json(await unwrapped(service.ListModels)(pb.ListModelsRequest(), call))
 
     @app.post("/v1/classify")
     async def classify(request: Request):
@@ -157,7 +166,7 @@ def build_app(gateway):
         if request_id and not fields.get("request_id"):
             fields["request_id"] = request_id
         message = classify_request(image, fields, media_type)
-        return to_json(await service.Classify(message, call))
+        return to_json(await unwrapped(service.Classify)(message, call))
 
     @app.get("/")
     async def page():

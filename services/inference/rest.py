@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import zlib
 
 import grpc
@@ -32,8 +33,9 @@ from cxr import datatypes
 from cxr.datatypes import TensorError
 from cxr.generated.inference import grpc_service_pb2 as pb
 from services.common.errors import ServiceError, invalid
-from services.common.http import BodyTooLarge, read_body
+from services.common.http import BodyTooLarge, internal_error_handler, read_body, unwrapped
 
+log = logging.getLogger("cxr.inference")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Triton's HTTP status per error class (its gRPC code here -> Triton's TRITONSERVER_Error class -> HTTP).
 TRITON_HTTP_STATUS = {
@@ -54,8 +56,8 @@ _HTTP_ONLY = {"binary_data_output"}
 
 
 class _Call:
-    """What a servicer method needs of its gRPC context, for a call that came over HTTP: `abort` raises the
-    ServiceError that `@aborts_on_error` hands it; there is no client deadline (Triton's REST has none; the
+    """What a servicer method needs of its gRPC context, for a call that came over HTTP (the methods are called
+    `unwrapped`, so their ServiceErrors reach the handlers whole); there is no client deadline (Triton's REST has none; the
     request's `timeout` parameter works as on gRPC)."""
 
     def time_remaining(self):
@@ -291,6 +293,12 @@ def build_app(service, max_body_bytes: int):
     async def _service_error(request, e: ServiceError):
         return error(TRITON_HTTP_STATUS.get(e.code, 400), e.message)
 
+    app.add_exception_handler(Exception, internal_error_handler(log))
+
+    async def rpc(method: str, message):
+        """The gRPC servicer's own method on `message`: one data plane behind both transports."""
+        return await unwrapped(getattr(service, method))(message, call)
+
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request, e: BodyTooLarge):
         # Triton refuses a request beyond --http-max-input-size as an invalid argument (400)
@@ -314,61 +322,61 @@ def build_app(service, max_body_bytes: int):
     # ---- health and metadata ----------------------------------------------------------------------------------
     @app.get("/v2/health/live")
     async def live():
-        return status_only((await service.ServerLive(pb.ServerLiveRequest(), call)).live)
+        return status_only((await rpc("ServerLive", pb.ServerLiveRequest())).live)
 
     @app.get("/v2/health/ready")
     async def ready():
-        return status_only((await service.ServerReady(pb.ServerReadyRequest(), call)).ready)
+        return status_only((await rpc("ServerReady", pb.ServerReadyRequest())).ready)
 
     @app.get("/v2")
     async def server_metadata():
-        return to_json(await service.ServerMetadata(pb.ServerMetadataRequest(), call))
+        return to_json(await rpc("ServerMetadata", pb.ServerMetadataRequest()))
 
     @app.get("/v2/models/stats")
     async def all_stats():
-        return to_json(await service.ModelStatistics(pb.ModelStatisticsRequest(), call))
+        return to_json(await rpc("ModelStatistics", pb.ModelStatisticsRequest()))
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
     async def model_ready(model: str, version: str = ""):
         request = pb.ModelReadyRequest(name=model, version=version)
-        return status_only((await service.ModelReady(request, call)).ready)
+        return status_only((await rpc("ModelReady", request)).ready)
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
     async def model_metadata(model: str, version: str = ""):
-        return to_json(await service.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), call))
+        return to_json(await rpc("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version)))
 
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
     async def model_config(model: str, version: str = ""):
-        response = await service.ModelConfig(pb.ModelConfigRequest(name=model, version=version), call)
+        response = await rpc("ModelConfig", pb.ModelConfigRequest(name=model, version=version))
         return to_json(response.config, defaults=False)
 
     @app.get("/v2/models/{model}/stats")
     @app.get("/v2/models/{model}/versions/{version}/stats")
     async def model_stats(model: str, version: str = ""):
-        return to_json(await service.ModelStatistics(pb.ModelStatisticsRequest(name=model, version=version), call))
+        return to_json(await rpc("ModelStatistics", pb.ModelStatisticsRequest(name=model, version=version)))
 
     # ---- the model repository -----------------------------------------------------------------------------
     @app.post("/v2/repository/index")
     async def repository_index(request: Request):
         document = await json_body(request)
-        answer = await service.RepositoryIndex(pb.RepositoryIndexRequest(ready=bool(document.get("ready"))), call)
+        answer = await rpc("RepositoryIndex", pb.RepositoryIndexRequest(ready=bool(document.get("ready"))))
         return JSONResponse([to_json(m) for m in answer.models])
 
     @app.post("/v2/repository/models/{model}/load")
     async def load(model: str, request: Request):
         message = pb.RepositoryModelLoadRequest(model_name=model)
         _repository_parameters(message, await json_body(request))
-        await service.RepositoryModelLoad(message, call)
+        await rpc("RepositoryModelLoad", message)
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{model}/unload")
     async def unload(model: str, request: Request):
         message = pb.RepositoryModelUnloadRequest(model_name=model)
         _repository_parameters(message, await json_body(request))
-        await service.RepositoryModelUnload(message, call)
+        await rpc("RepositoryModelUnload", message)
         return Response(status_code=200)
 
     # ---- inference --------------------------------------------------------------------------------------------
@@ -382,7 +390,7 @@ def build_app(service, max_body_bytes: int):
             raise invalid(f"{HEADER_LENGTH} must be a byte count, received {header_length!r}")
         message, binary_out = infer_request(body, None if header_length is None else int(header_length), model,
                                             version)
-        answer = await service.ModelInfer(message, call)
+        answer = await rpc("ModelInfer", message)
         content, json_length = infer_response(answer, binary_out)
         headers = {}
         if json_length is not None:

@@ -63,12 +63,12 @@ def test_json_api_answers_as_grpc_for_every_shared_dicom(gateway_url, gateway_st
 def test_multipart_upload_with_form_fields_and_heatmap(gateway_url, gateway_stub, dicom_dir: Path):
     path = sorted(dicom_dir.rglob("*.dcm"))[0]
     by_grpc = gateway_stub.Classify(pb.ClassifyRequest(image=path.read_bytes(), model_name="custom_cnn",
-                                                       model_version="1", return_heatmap=True), timeout=TIMEOUT)
+                                                       model_version="2", return_heatmap=True), timeout=TIMEOUT)
     answer = requests.post(f"{gateway_url}/v1/classify", files={"image": (path.name, path.read_bytes())},
-                           data={"model": "custom_cnn", "version": "1", "heatmap": "true"}, timeout=TIMEOUT)
+                           data={"model": "custom_cnn", "version": "2", "heatmap": "true"}, timeout=TIMEOUT)
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert (body["modelName"], body["modelVersion"]) == ("custom_cnn", "1")
+    assert (body["modelName"], body["modelVersion"]) == ("custom_cnn", "2")
     np.testing.assert_allclose([c["probability"] for c in body["classes"]],
                                [c.probability for c in by_grpc.classes], atol=1e-6, rtol=0)
     png = base64.b64decode(body["heatmap"]["png"])
