@@ -98,10 +98,11 @@ def test_upload_a_dicom_and_see_the_answer(browser, gateway_service, dicom_dir: 
 def test_an_unreadable_file_shows_the_gateway_message(browser, gateway_service, tmp_path: Path):
     from selenium.webdriver.common.by import By
 
-    bad = tmp_path / "not-an-image.dcm"
-    bad.write_bytes(b"DICM but not really" * 10)
+    bad = tmp_path / "truncated.png"  # a browser sends .png as image/png: the same request as below
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
     url = f"http://127.0.0.1:{gateway_service.http_port}"
-    expected = requests.post(f"{url}/v1/classify", data=bad.read_bytes(), timeout=60)
+    expected = requests.post(f"{url}/v1/classify", data=bad.read_bytes(), headers={"Content-Type": "image/png"},
+                             timeout=60)
     assert expected.status_code == 400
     _upload(browser, url + "/", bad, "error")
     assert browser.find_element(By.ID, "error").text == expected.json()["message"]
