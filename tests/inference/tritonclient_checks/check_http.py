@@ -203,3 +203,32 @@ def test_aio_client(server, radiographs, grpc_client):
     for i, answer in enumerate(answers):  # each concurrent request got its own row back
         assert answer.get_response()["id"] == f"aio-{i}"
         np.testing.assert_allclose(answer.as_numpy("probabilities")[0], by_grpc[i], rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_drains_http_requests_as_grpc_ones(own_repository, radiographs, tmp_path):
+    """The one shutdown: readiness false on HTTP too, queued HTTP requests answered, new ones refused with 503."""
+    import signal
+    import time
+
+    from inference.server_process import start_server
+
+    config_path = own_repository / "mobilenet" / "config.pbtxt"
+    config_path.write_text(config_path.read_text().replace("max_queue_delay_microseconds: 500",
+                                                           "max_queue_delay_microseconds: 2000000"))
+    server = start_server(own_repository, tmp_path / "server", "--grace-period", "20")
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.http_port}", concurrency=4, network_timeout=60)
+    try:
+        queued = [client.async_infer("mobilenet", [http_input(radiographs[2 * i:2 * i + 2])], request_id=f"h{i}")
+                  for i in range(3)]
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert not client.is_server_ready()
+        expect_http_error(503, lambda: client.infer("mobilenet", [http_input(radiographs[:1])]), "shutting down")
+        answers = [request.get_result() for request in queued]
+        assert [a.get_response()["id"] for a in answers] == ["h0", "h1", "h2"]
+        assert all(a.as_numpy("probabilities").shape == (2, 3) for a in answers)
+        assert server.process.wait(30) == 0
+    finally:
+        client.close()
+        server.kill()
