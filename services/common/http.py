@@ -100,6 +100,23 @@ class HttpServer:
         self._main = None
 
 
+class HttpCall:
+    """The part of a gRPC servicer context a servicer method uses, for a call that came over HTTP: no client
+    deadline (`time_remaining()` is None: the service's own defaults apply), no metadata, and `abort` raises the
+    ServiceError (methods are called `unwrapped`, so their own ServiceErrors reach the adapter whole anyway)."""
+
+    def time_remaining(self):
+        return None
+
+    def invocation_metadata(self):
+        return ()
+
+    async def abort(self, code, message):
+        from services.common.errors import ServiceError
+
+        raise ServiceError(code, message)
+
+
 def unwrapped(method):
     """A servicer method without its `@aborts_on_error` wrapper (which is gRPC's: it turns a ServiceError into
     `context.abort(code, message)`), so an HTTP adapter gets the ServiceError whole, reason included."""

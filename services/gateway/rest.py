@@ -26,7 +26,7 @@ from starlette.requests import Request  # module level: FastAPI resolves the han
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from services.common.errors import ServiceError, invalid
-from services.common.http import BodyTooLarge, read_body, unwrapped
+from services.common.http import BodyTooLarge, HttpCall, read_body, unwrapped
 
 log = logging.getLogger("cxr.gateway")
 STATIC = Path(__file__).parent / "static"
@@ -41,21 +41,6 @@ MEDIA_FORMATS = {
     "application/octet-stream": "", "": "",
 }
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
-
-
-class _Call:
-    """The gRPC context a servicer method needs, for a call that came over HTTP: no client deadline (the
-    gateway's request_timeout_s applies). The methods are called `unwrapped`, so their ServiceErrors reach the
-    handlers below whole; `abort` is there for a method that aborts by itself."""
-
-    def time_remaining(self):
-        return None
-
-    def invocation_metadata(self):
-        return ()
-
-    async def abort(self, code, message):
-        raise ServiceError(code, message)
 
 
 def to_json(message) -> dict:
@@ -105,7 +90,7 @@ def build_app(gateway):
     # the gRPC port's own check (constant-time, against every token), so both ports accept the same tokens
     checker = TokenAuthInterceptor(tokens) if tokens else None
     limit = settings.max_image_bytes + FORM_OVERHEAD
-    call = _Call()
+    call = HttpCall()
 
     app = FastAPI(title="cxr gateway", docs_url=None, redoc_url=None, openapi_url=None)
 

@@ -33,7 +33,7 @@ from cxr import datatypes
 from cxr.datatypes import TensorError
 from cxr.generated.inference import grpc_service_pb2 as pb
 from services.common.errors import ServiceError, invalid
-from services.common.http import BodyTooLarge, internal_error_handler, read_body, unwrapped
+from services.common.http import BodyTooLarge, HttpCall, internal_error_handler, read_body, unwrapped
 
 log = logging.getLogger("cxr.inference")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -53,21 +53,6 @@ _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescript
           FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 # request parameters that steer this transport only (never passed to the data plane)
 _HTTP_ONLY = {"binary_data_output"}
-
-
-class _Call:
-    """What a servicer method needs of its gRPC context, for a call that came over HTTP (the methods are called
-    `unwrapped`, so their ServiceErrors reach the handlers whole); there is no client deadline (Triton's REST has none; the
-    request's `timeout` parameter works as on gRPC)."""
-
-    def time_remaining(self):
-        return None
-
-    def invocation_metadata(self):
-        return ()
-
-    async def abort(self, code, message):
-        raise ServiceError(code, message)
 
 
 def to_json(message, defaults: bool = True) -> dict:
@@ -284,7 +269,7 @@ def build_app(service, max_body_bytes: int):
     from fastapi.responses import JSONResponse, Response
 
     app = FastAPI(title="cxr inference (KServe v2 REST)", docs_url=None, redoc_url=None, openapi_url=None)
-    call = _Call()
+    call = HttpCall()
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
