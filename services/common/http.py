@@ -100,6 +100,23 @@ class HttpServer:
         self._main = None
 
 
+async def start_http(app, settings, *, name: str, env: str, tls: bool = False) -> HttpServer | None:
+    """Serve `app` on settings.host:settings.http_port (-1: off, returns None), with the settings' TLS files when
+    `tls`; a port that cannot be bound is a SystemExit naming the flag and the variable `env` to change."""
+    if settings.http_port < 0:
+        return None
+    files = {"tls_cert": settings.tls_cert, "tls_key": settings.tls_key,
+             "tls_client_ca": settings.tls_client_ca} if tls else {}
+    grace = getattr(settings, "grace_period_s", None) or getattr(settings, "shutdown_grace_s", 5.0)
+    server = HttpServer(app, settings.host, settings.http_port, name=name, grace_period_s=grace, **files)
+    try:
+        await server.start()
+    except OSError as e:
+        raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.http_port}: {e} "
+                         f"(--http-port / {env}; -1 turns it off)") from None
+    return server
+
+
 class HttpCall:
     """The part of a gRPC servicer context a servicer method uses, for a call that came over HTTP: no client
     deadline (`time_remaining()` is None: the service's own defaults apply), no metadata, and `abort` raises the

@@ -180,18 +180,8 @@ async def _form(request, body: bytes):
 
 
 async def start_http(gateway):
-    """Serve the HTTP API on settings.http_port (-1: off, returns None), with the gRPC port's TLS settings."""
-    settings = gateway.settings
-    if settings.http_port < 0:
-        return None
-    from services.common.http import HttpServer
+    """The HTTP API and page on settings.http_port (-1: off, returns None), with the gRPC port's TLS settings."""
+    from services.common import http
 
-    server = HttpServer(build_app(gateway), settings.host, settings.http_port, name="gateway-http",
-                        tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_client_ca=settings.tls_client_ca,
-                        grace_period_s=settings.shutdown_grace_s)
-    try:
-        await server.start()
-    except OSError as e:
-        raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.http_port}: {e} "
-                         "(--http-port / CXR_GATEWAY_HTTP_PORT; -1 turns it off)") from None
-    return server
+    return await http.start_http(build_app(gateway), gateway.settings, name="gateway-http",
+                                 env="CXR_GATEWAY_HTTP_PORT", tls=True)

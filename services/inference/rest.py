@@ -409,17 +409,8 @@ def _repository_parameters(message, document: dict) -> None:
 
 
 async def start_http(service, settings):
-    """Serve the REST API on settings.http_port (-1: off, returns None) in the running loop; SystemExit with the
-    flag to change when the port cannot be bound."""
-    if settings.http_port < 0:
-        return None
-    from services.common.http import HttpServer
+    """The REST API on settings.http_port (-1: off, returns None), in the running loop."""
+    from services.common import http
 
-    server = HttpServer(build_app(service, settings.max_message_bytes), settings.host, settings.http_port,
-                        name="inference-http", grace_period_s=settings.grace_period_s)
-    try:
-        await server.start()
-    except OSError as e:
-        raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.http_port}: {e} "
-                         "(--http-port / CXR_INFERENCE_HTTP_PORT; -1 turns it off)") from None
-    return server
+    return await http.start_http(build_app(service, settings.max_message_bytes), settings, name="inference-http",
+                                 env="CXR_INFERENCE_HTTP_PORT")
