@@ -17,6 +17,7 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from inference.tritonclient_checks.check_batching import batching_server  # noqa: F401 - a fixture
 from inference.tritonclient_checks.check_protocol import MODELS, read_labels, sha256_file
 from inference.tritonclient_checks.triton_helpers import image_input as grpc_image_input
 
@@ -232,3 +233,30 @@ def test_sigterm_drains_http_requests_as_grpc_ones(own_repository, radiographs, 
     finally:
         client.close()
         server.kill()
+
+
+def test_one_queue_for_both_transports(batching_server, radiographs):  # noqa: F811 - the imported fixture
+    """gRPC requests fill resnet50's queue (max_queue_size 3, 1 s batching delay): an HTTP request then finds it
+    full and gets Triton's 503 at once; a `timeout` parameter that ends in the queue is 503 too (Triton files both
+    as UNAVAILABLE); the queued gRPC requests are answered."""
+    import time
+
+    from inference.tritonclient_checks.check_batching import QUEUE_DELAY_S, Answers
+
+    http_client = triton.InferenceServerClient(f"127.0.0.1:{batching_server.http_port}", network_timeout=60)
+    try:
+        expect_http_error(503, lambda: http_client.infer("resnet50", [http_input(radiographs[:1])], timeout=200_000),
+                          "not computed")
+        with triton_grpc.InferenceServerClient(batching_server.address) as grpc_client:
+            answers = Answers()
+            for i in range(3):
+                grpc_client.async_infer("resnet50", [grpc_image_input(radiographs[i:i + 1])], answers.callback(f"q{i}"))
+            time.sleep(0.2)
+            start = time.monotonic()
+            expect_http_error(503, lambda: http_client.infer("resnet50", [http_input(radiographs[3:4])]),
+                              "max_queue_size")
+            assert time.monotonic() - start < QUEUE_DELAY_S / 2
+            got = answers.wait(3)
+            assert len(got) == 3 and all(not isinstance(r, Exception) for r in got.values()), got
+    finally:
+        http_client.close()
