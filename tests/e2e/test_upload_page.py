@@ -118,3 +118,16 @@ def test_the_page_loads_nothing_from_outside(gateway_service):
     page = requests.get(f"http://127.0.0.1:{gateway_service.http_port}/", timeout=30)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "Not for clinical use" in page.text
+
+
+def test_every_control_is_reached_with_the_tab_key_in_order(browser, gateway_service):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(f"http://127.0.0.1:{gateway_service.http_port}/")
+    reached = []
+    for _ in range(8):
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        reached.append(browser.execute_script("return document.activeElement.id"))
+    order = ["file", "model", "version", "heatmap", "token", "submit"]
+    assert [r for r in reached if r in order][:len(order)] == order, reached
