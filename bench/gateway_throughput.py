@@ -92,7 +92,7 @@ def baseline(model_path: Path, size: int, data: bytes, threads: int, seconds: fl
 
 
 def start(name: str, argv: list[str], workdir: Path, threads: int) -> ServiceProcess:
-    return start_service(name, [*argv, "--host", "127.0.0.1", "--port", "0"], workdir,
+    return start_service(name, [*argv, "--host", "127.0.0.1", "--port", "0", "--http-port", "-1"], workdir,
                          env={"OMP_NUM_THREADS": str(threads)})
 
 

@@ -82,7 +82,7 @@ class RawModel:
 
 
 def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> ServiceProcess:
-    return start_service("inference", ["--repository", str(repo), "--host", "127.0.0.1", "--port", "0", "--metrics-port",
+    return start_service("inference", ["--repository", str(repo), "--host", "127.0.0.1", "--port", "0", "--http-port", "-1", "--metrics-port",
                                        "-1", "--intra-op-threads", str(threads), *extra],
                          workdir, env={"OMP_NUM_THREADS": str(threads)})
 

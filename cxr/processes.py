@@ -1,7 +1,7 @@
 """Start a `cxr serve inference|gateway` child process and wait until it listens: the one launcher that
 `cxr demo-stack`, the tests and the benchmarks share.
 
-The child is told `--port-file F` and writes "GRPC_PORT METRICS_PORT" there once it serves (`--port 0` picks
+The child is told `--port-file F` and writes "GRPC_PORT METRICS_PORT HTTP_PORT" there once it serves (`--port 0` picks
 free ports), so nobody polls a port or guesses a sleep. Imports nothing of ours (usable beside tritonclient).
 """
 
@@ -28,10 +28,15 @@ class ServiceProcess:
     port: int
     metrics_port: int
     log_path: Path
+    http_port: int = -1  # the HTTP/REST port (-1: off)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -84,5 +89,5 @@ def start_service(name: str, argv: list[str], workdir: Path, env: dict[str, str]
             process.kill()
             raise RuntimeError(f"`cxr serve {name}` did not start within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.1)
-    port, metrics_port = (int(v) for v in port_file.read_text().split())
-    return ServiceProcess(name, process, port, metrics_port, log_path)
+    port, metrics_port, *more = (int(v) for v in port_file.read_text().split())
+    return ServiceProcess(name, process, port, metrics_port, log_path, http_port=more[0] if more else -1)

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-metrics-port", type=int, default=8002)
     parser.add_argument("--gateway-port", type=int, default=50051)
     parser.add_argument("--gateway-metrics-port", type=int, default=9090)
+    parser.add_argument("--inference-http-port", type=int, default=8000, help="KServe v2 REST (-1: off)")
+    parser.add_argument("--gateway-http-port", type=int, default=8080, help="HTTP/JSON API and upload page (-1: off)")
     parser.add_argument("--once", action="store_true", help="classify one image, then stop the services and exit")
 
 
@@ -142,11 +144,12 @@ def run(args: argparse.Namespace) -> int:
     _step("starting the inference service and the gateway")
     try:
         inference = start_service("inference", ["--repository", str(repository), "--port", str(args.inference_port),
-                                                "--metrics-port", str(args.inference_metrics_port)], work)
+                                                "--metrics-port", str(args.inference_metrics_port),
+                                                "--http-port", str(args.inference_http_port)], work)
     except RuntimeError as exc:
         raise SystemExit(f"demo-stack: {exc}") from None
     gateway_args = ["--inference", f"localhost:{inference.port}", "--port", str(args.gateway_port),
-                    "--metrics-port", str(args.gateway_metrics_port)]
+                    "--metrics-port", str(args.gateway_metrics_port), "--http-port", str(args.gateway_http_port)]
     default = args.default_model or model or _preferred_model(repository)
     if default != "ensemble":  # the gateway's own default
         gateway_args += ["--default-model", default]
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
             subprocess.run(_cxr("classify", str(sample), "--server", f"localhost:{args.gateway_port}"))
         print(f"\nServing. Not for clinical use.\n"
               f"  gateway (cxr.v1 gRPC):        localhost:{args.gateway_port}   try: cxr classify FILE --server localhost:{args.gateway_port}\n"
-              f"  inference (KServe v2 gRPC):   localhost:{args.inference_port}\n"
+              f"  upload page and JSON API:     http://localhost:{children[-1].http_port}/\n"
+              f"  inference (KServe v2 gRPC):   localhost:{args.inference_port}   REST: http://localhost:{inference.http_port}/v2\n"
               f"  metrics: http://localhost:{args.gateway_metrics_port}/metrics  http://localhost:{args.inference_metrics_port}/metrics\n"
               f"  logs: {work}/gateway.log {work}/inference.log", flush=True)
         if not args.once:

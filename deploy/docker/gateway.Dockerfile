@@ -38,7 +38,7 @@ RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src
 
 USER 10001:10001
 ENV CXR_GATEWAY_PORT=50051 CXR_GATEWAY_METRICS_PORT=9090
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=3 \
   CMD python /opt/cxr/grpc_health_check.py "127.0.0.1:${CXR_GATEWAY_PORT}"
 ENTRYPOINT ["cxr"]

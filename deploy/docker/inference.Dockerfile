@@ -48,7 +48,7 @@ RUN pip install --no-deps --no-build-isolation /tmp/src \
 
 USER 10001:10001
 ENV CXR_INFERENCE_PORT=8001 CXR_INFERENCE_METRICS_PORT=8002 CXR_INFERENCE_HOST=0.0.0.0
-EXPOSE 8001 8002
+EXPOSE 8001 8000 8002
 VOLUME ["/models"]
 HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
   CMD python /opt/cxr/grpc_health_check.py "127.0.0.1:${CXR_INFERENCE_PORT}"

@@ -93,8 +93,8 @@ def settings_from_args(settings_class: type[BaseSettings], args: argparse.Namesp
 
 
 def add_port_file_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port-file", help="write 'GRPC_PORT METRICS_PORT' here once serving (with --port 0: the "
-                                            "ports picked); for tests and scripts")
+    parser.add_argument("--port-file", help="write 'GRPC_PORT METRICS_PORT HTTP_PORT' here once serving (with port 0: "
+                                            "the ports picked; -1: off); for tests and scripts")
 
 
 def run_service(serve: Callable[..., Awaitable[None]], settings: BaseSettings, port_file: str | None = None) -> int:
@@ -112,7 +112,7 @@ def run_service(serve: Callable[..., Awaitable[None]], settings: BaseSettings, p
             def write_ports(future: asyncio.Future) -> None:
                 if not future.cancelled() and future.exception() is None:
                     tmp = Path(port_file + ".tmp")
-                    tmp.write_text("{} {}\n".format(*future.result()))
+                    tmp.write_text(" ".join(str(port) for port in future.result()) + "\n")
                     tmp.replace(port_file)
 
             started.add_done_callback(write_ports)

@@ -98,9 +98,28 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return None if any([hmac.compare_digest(given, t) for t in self._tokens]) else "invalid"
         return "missing"
 
+    def _needs_token(self, method: str) -> bool:
+        return not method.startswith(self._exempt) and (self._only is None or method in self._only)
+
+    def _report(self, method: str, peer: str, problem: str) -> None:
+        log.warning("authentication refused", extra={"fields": {"method": method, "peer": peer, "token": problem}})
+        if self._on_refused is not None:
+            self._on_refused(method)
+
+    def authorize(self, method: str, authorization: str | None, peer: str) -> str | None:
+        """The same check for another transport (HTTP): `method` is the gRPC method the request maps to and
+        `authorization` the request's Authorization header. None when allowed, else why not ("missing" or
+        "invalid"); a refusal is logged and counted as on gRPC."""
+        if not self._needs_token(method):
+            return None
+        problem = self._check([("authorization", authorization)] if authorization is not None else [])
+        if problem is not None:
+            self._report(method, peer, problem)
+        return problem
+
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
-        if method.startswith(self._exempt) or (self._only is not None and method not in self._only):
+        if not self._needs_token(method):
             return await continuation(handler_call_details)
         problem = self._check(handler_call_details.invocation_metadata)
         if problem is None:
@@ -110,13 +129,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _refusing(self, handler: grpc.RpcMethodHandler, method: str, problem: str) -> grpc.RpcMethodHandler:
         """A handler of the same shape as `handler` that answers UNAUTHENTICATED without reading the request."""
-        on_refused = self._on_refused
-
         async def refuse(request_or_iterator, context):
-            log.warning("authentication refused", extra={"fields": {"method": method, "peer": context.peer(),
-                                                                    "token": problem}})
-            if on_refused is not None:
-                on_refused(method)
+            self._report(method, context.peer(), problem)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 f"{problem} bearer token (metadata 'authorization: Bearer <token>')")
 

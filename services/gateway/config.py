@@ -16,6 +16,8 @@ class GatewaySettings(BaseSettings):
     """Address the gateway's gRPC server binds to."""
     port: int = 50051
     """Port of the gateway's gRPC API (0 picks a free port)."""
+    http_port: int = 8080
+    """Port of the gateway's HTTP/JSON API and upload page (same TLS and tokens as gRPC); 0 picks a free port, -1 turns it off."""
     metrics_port: int = 9090
     """HTTP port of the Prometheus /metrics endpoint; 0 picks a free port, -1 turns it off."""
     default_model: str = "ensemble"

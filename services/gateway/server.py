@@ -395,6 +395,7 @@ class Gateway:
             self.port = self.server.add_insecure_port(address)
         self.security = {"tls": bool(settings.tls_cert), "mtls": bool(settings.tls_client_ca), "token_auth": bool(tokens)}
         self.metrics_port = 0
+        self.http = None  # the HTTP server (services/gateway/rest.py), once started
         self._tasks: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT (serve_until_terminated sets it)
 
@@ -414,14 +415,20 @@ class Gateway:
             self.service.decode_pool.warm_up()  # before serving: the first requests need not wait for worker start-up
         self.metrics_port = start_metrics_server(self.settings.metrics_port, self.metrics.registry, self.settings.host)
         await self.server.start()
+        from services.gateway.rest import start_http
+
+        self.http = await start_http(self)  # the HTTP/JSON API and the upload page, over the same service
         await self.upstream.start()
         self.lifecycle.dependency_ready = self.upstream.ready
         await self.lifecycle.to(SERVING)
         log.info("gateway listening", extra={"fields": {
-            "port": self.port, "metrics_port": self.metrics_port, "inference": self.settings.inference,
+            "port": self.port, "http_port": self.http.port if self.http else -1, "metrics_port": self.metrics_port,
+            "inference": self.settings.inference,
             "upstream_ready": self.upstream.ready, "decode_processes": self.settings.decode_processes, **self.security}})
 
     async def close(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         await self.upstream.close()
         self.service.executor.shutdown(wait=False, cancel_futures=True)
         if self.service.decode_pool is not None:
@@ -429,7 +436,7 @@ class Gateway:
 
 
 async def serve(settings: GatewaySettings, started: asyncio.Future | None = None, stop_event: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or `stop_event`); `started` gets (grpc port, metrics port) once listening."""
+    """Run until SIGTERM/SIGINT (or `stop_event`); `started` gets (grpc, metrics, http port) once listening."""
     from services.common.serving import serve_until_terminated
 
     gateway = Gateway(settings)
@@ -437,7 +444,7 @@ async def serve(settings: GatewaySettings, started: asyncio.Future | None = None
         gateway.stopping = stop_event
     await gateway.start()
     if started is not None and not started.done():
-        started.set_result((gateway.port, gateway.metrics_port))
+        started.set_result((gateway.port, gateway.metrics_port, gateway.http.port if gateway.http else -1))
     try:
         await serve_until_terminated(
             gateway.server, gateway.lifecycle, grace_period_s=settings.shutdown_grace_s,

@@ -20,6 +20,8 @@ class InferenceSettings(BaseSettings):
     """Address the gRPC and metrics servers listen on: loopback by default; 0.0.0.0 (as the deploy files set) for all."""
     port: int = 8001
     """gRPC port (KServe v2 / Triton protocol, health, reflection); 0 picks a free port."""
+    http_port: int = 8000
+    """HTTP/REST port (KServe v2 REST with Triton's paths and binary tensors); 0 picks a free port, -1 turns it off."""
     metrics_port: int = 8002
     """HTTP port of the Prometheus /metrics endpoint; 0 picks a free port, -1 turns it off."""
     model_control: Literal["none", "explicit"] = "none"

@@ -48,7 +48,7 @@ class InferenceMetrics:
     def record_failure(self, model: str, version: str, reason: str) -> None:
         self.failure.labels(model or "", version or "", reason).inc()
 
-    def for_version(self, model: str, version: str) -> "VersionMeters":
+    def for_version(self, model: str, version: str) -> VersionMeters:
         """The labelled series of one model version, looked up once (not on every request)."""
         labels = (model, version)
         return VersionMeters(self.request_seconds.labels(*labels), self.queue_seconds.labels(*labels),

@@ -30,6 +30,7 @@ from services.inference.config import InferenceSettings
 from services.inference.metrics import InferenceMetrics
 from services.inference.security import add_port, auth_interceptors, describe_security
 from services.inference.model_manager import READY, ModelManager, ModelVersion
+from services.inference.rest import start_http
 from services.inference.tensors import classify, decode_inputs, encode_output, parse_requested_outputs
 
 log = logging.getLogger("cxr.inference")
@@ -281,7 +282,7 @@ def _timeout_parameter(request: pb.ModelInferRequest) -> int:
 
 async def serve(settings: InferenceSettings, *, started: asyncio.Future | None = None,
                 stop_event: asyncio.Event | None = None) -> None:
-    """Run the service until SIGTERM/SIGINT (or `stop_event`). `started` receives (grpc port, metrics port)."""
+    """Run the service until SIGTERM/SIGINT (or `stop_event`). `started` receives (grpc, metrics, http port)."""
     if not settings.repository.is_dir():
         raise SystemExit(f"model repository {settings.repository} is not a folder (--repository / "
                          "CXR_INFERENCE_REPOSITORY)")
@@ -307,17 +308,21 @@ async def serve(settings: InferenceSettings, *, started: asyncio.Future | None =
         raise SystemExit(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {e} "
                          "(--metrics-port / CXR_INFERENCE_METRICS_PORT)") from None
     await server.start()  # live at once (ServerLive), ready only once the models are loaded and warmed up
-    log.info("listening on %s:%d (metrics on %s; %s); loading models from %s", settings.host, port,
-             metrics_port if metrics_port >= 0 else "off", describe_security(settings, bool(interceptors)),
-             settings.repository)
+    http = await start_http(service, settings, interceptors[0] if interceptors else None)  # KServe v2 REST beside gRPC, over the same servicer
+    http_port = http.port if http else -1
+    log.info("listening on %s:%d (HTTP on %s, metrics on %s; %s); loading models from %s", settings.host, port,
+             http_port if http else "off", metrics_port if metrics_port >= 0 else "off",
+             describe_security(settings, bool(interceptors)), settings.repository)
     await manager.start()
     log.info("ready: %s", ", ".join(f"{n}:{v} {s}" + (f" ({r})" if r else "") for n, v, s, r in manager.index()))
     await lifecycle.to(SERVING)
     if started is not None and not started.done():
-        started.set_result((port, metrics_port))
+        started.set_result((port, metrics_port, http_port))
     try:
         await serve_until_terminated(server, lifecycle, grace_period_s=settings.grace_period_s,
                                      drain_delay_s=settings.drain_delay_s, stop_event=stop_event)
     finally:
+        if http:
+            await http.stop()
         await manager.close(timeout=1.0)
         compute.shutdown(wait=False, cancel_futures=True)

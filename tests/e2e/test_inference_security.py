@@ -24,6 +24,7 @@ UNLOAD = "/inference.GRPCInferenceService/RepositoryModelUnload"
 
 def _start(repository: Path, workdir: Path, extra: list[str], credentials=None) -> processes.Service:
     service = processes.start("inference", ["--repository", str(repository), "--port", "0", "--metrics-port", "0",
+                                            "--http-port", "0",
                                             "--intra-op-threads", "1", "--model-control", "explicit",
                                             "--load-model", MODEL, *extra],
                               workdir, env={"CXR_INFERENCE_AUTH_TOKENS": TOKEN})
@@ -128,7 +129,23 @@ def test_control_scope_and_model_names_never_reach_the_filesystem(trained_reposi
             index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
             reasons = [m.reason for m in index.models if m.name == "broken"]
             assert reasons and all(server_path not in r for r in reasons)
+        # the REST port applies the same rules to the RPC each route maps to
+        import requests
+
+        http = f"http://127.0.0.1:{inference.http_port}"
+        assert requests.get(f"{http}/v2/health/ready", timeout=10).status_code == 200  # health: no token
+        assert requests.get(f"{http}/v2/models/{MODEL}", timeout=10).status_code == 200  # scope control: reads are open
+        refused = requests.post(f"{http}/v2/repository/models/{MODEL}/unload", timeout=10)
+        assert refused.status_code == 401 and "bearer token" in refused.json()["error"]
+        wrong = requests.post(f"{http}/v2/repository/models/{MODEL}/unload", timeout=10,
+                              headers={"Authorization": "Bearer not-the-token"})
+        assert wrong.status_code == 401
+        assert _counter(inference.metrics_text(), "cxr_inference_auth_refused_total", UNLOAD) == 3  # 1 gRPC + 2 HTTP
+        unloaded = requests.post(f"{http}/v2/repository/models/{MODEL}/unload", timeout=30,
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+        assert unloaded.status_code == 200, unloaded.text
+        assert requests.get(f"{http}/v2/models/{MODEL}/ready", timeout=10).status_code == 400  # unloaded: not ready
         assert inference.alive()
-        assert "Traceback" not in inference.log_text()
+        assert "Traceback" not in inference.log_text() and TOKEN not in inference.log_text()
     finally:
         inference.kill()

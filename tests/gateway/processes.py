@@ -33,7 +33,7 @@ def start(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None 
 def start_inference(repository: Path, workdir: Path, port: int = 0, extra: list[str] | None = None, metrics_port: int | None = None) -> Service:
     service = start(
         "inference",
-        ["--repository", str(repository), "--port", str(port), "--metrics-port", str(metrics_port or 0), "--host", "127.0.0.1",
+        ["--repository", str(repository), "--port", str(port), "--metrics-port", str(metrics_port or 0), "--http-port", "0", "--host", "127.0.0.1",
          "--intra-op-threads", "1", "--grace-period", "2", *(extra or [])],
         workdir,
     )
@@ -50,7 +50,7 @@ TEST_GATE_AS_NOTICE = ["--gate-as-notice", "out_of_distribution"]
 def start_gateway(inference: str, workdir: Path, extra: list[str] | None = None, env: dict[str, str] | None = None) -> Service:
     return start(
         "gateway",
-        ["--inference", inference, "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1",
+        ["--inference", inference, "--port", "0", "--metrics-port", "0", "--http-port", "0", "--host", "127.0.0.1",
          *TEST_GATE_AS_NOTICE, *(extra or [])],
         workdir, env=env,
     )
