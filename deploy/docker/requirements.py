@@ -2,6 +2,7 @@
 
     python requirements.py inference   # the serving base: everything in [project].dependencies
     python requirements.py gateway     # the same without onnxruntime: the gateway only decodes and forwards
+    python requirements.py dicom       # the gateway's set plus the `dicom` extra (pynetdicom, highdicom)
     python requirements.py trainer     # the serving base plus the `train` extra (torch)
 
 Why: pip cannot install "the dependencies of a project, less one", and installing the dependencies in their own
@@ -16,8 +17,9 @@ import tomllib
 from pathlib import Path
 
 # Packages an image leaves out, by name (before any version or marker).
-EXCLUDE = {"inference": set(), "gateway": {"onnxruntime", "onnxruntime-gpu"}, "trainer": set()}
-EXTRAS = {"inference": [], "gateway": [], "trainer": ["train"]}
+EXCLUDE = {"inference": set(), "gateway": {"onnxruntime", "onnxruntime-gpu"}, "dicom": {"onnxruntime", "onnxruntime-gpu"},
+           "trainer": set()}
+EXTRAS = {"inference": [], "gateway": [], "dicom": ["dicom"], "trainer": ["train"]}
 
 
 def requirement_name(requirement: str) -> str:
