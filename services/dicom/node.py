@@ -16,7 +16,7 @@ import time
 
 import pydicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, Verification
 
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from services.dicom.client import ClassifyFailure, GatewayClient
@@ -24,7 +24,7 @@ from services.dicom.config import DicomSettings
 from services.dicom.metrics import DicomMetrics
 from services.dicom.senders import CStoreSender, SendError, StowSender
 from services.dicom.spool import OutboxState, Spool, instance_key
-from services.dicom.writers import build_sc, build_sr, encode
+from services.dicom.writers import SC_SERIES_NUMBER, SR_SERIES_NUMBER, build_sc, build_sr, encode
 
 log = logging.getLogger("cxr.dicom")
 
@@ -217,6 +217,9 @@ class DicomNode:
         identifiers = pb.StudyIdentifiers(
             study_instance_uid=str(source.get("StudyInstanceUID", "")), series_instance_uid=str(source.get("SeriesInstanceUID", "")),
             sop_instance_uid=str(source.get("SOPInstanceUID", "")))
+        if self._is_own_result(source):  # a PACS that routes every new instance to us sends our results back
+            self._classify_failed(key, ClassifyFailure("OK", "own_result", refused=True, transient=False))
+            return
         started = time.perf_counter()
         try:
             result = self.client.classify(data, request_id=f"dicom-{key[:16]}", identifiers=identifiers)
@@ -238,6 +241,11 @@ class DicomNode:
         self.spool.commit_results(key, objects, state)
         self.metrics.results_created.inc()
         self._deliver(key)
+
+    def _is_own_result(self, source: pydicom.Dataset) -> bool:
+        return (str(source.get("Manufacturer", "")) == self.settings.manufacturer
+                and source.get("SeriesNumber") in (SR_SERIES_NUMBER, SC_SERIES_NUMBER)
+                and str(source.get("SOPClassUID", "")) in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage))
 
     def _classify_failed(self, key: str, failure: ClassifyFailure) -> None:
         if failure.refused:

@@ -265,3 +265,17 @@ def test_a_destination_that_never_answers_ends_in_the_dead_letter_folder(dicom_g
         assert pydicom.dcmread(letter / "sr.dcm").StudyInstanceUID == pydicom.dcmread(io.BytesIO(pacs.instance_file(upload["ID"]))).StudyInstanceUID
     finally:
         assert node.stop() == 0
+
+
+def test_results_routed_back_to_the_node_are_not_classified_again(node, pacs, dicom_dir):
+    """A PACS that forwards every new instance to us also forwards our own SR and SC: no loop."""
+    path = next(p for p in dicom_files(dicom_dir) if p.name.startswith("nih_"))
+    upload = pacs.upload(path.read_bytes())
+    uid = str(pydicom.dcmread(path, force=True, stop_before_pixels=True).SOPInstanceUID)
+    pacs.store("cxr", upload["ID"])
+    found = wait_results(pacs, upload["ParentStudy"], uid)
+    before = metric(node, "cxr_dicom_instances_refused_total", reason="own_result")
+    pacs.store("cxr", found["SR"][0], found["OT"][0])
+    wait_for(lambda: metric(node, "cxr_dicom_instances_refused_total", reason="own_result") == before + 2, 60,
+             "the node to recognise its own results")
+    assert results(pacs, upload["ParentStudy"]) == results(pacs, upload["ParentStudy"], uid) == found
