@@ -98,11 +98,19 @@ class WorkQueue:
             return len(self._due)
 
 
+def quiet_third_party_logs() -> None:
+    """highdicom logs UIDs at INFO ("copy Patient-related attributes from dataset <SOP Instance UID>") and
+    pynetdicom logs association and dataset details: keep both to errors, which carry no header values."""
+    for name in ("highdicom", "pynetdicom"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class DicomNode:
     def __init__(self, settings: DicomSettings, metrics: DicomMetrics | None = None):
         destinations = settings.destination_list()
         if not destinations and not settings.dicomweb:
             raise ValueError("no destination for the results: give --destination AE@HOST:PORT and/or --dicomweb URL")
+        quiet_third_party_logs()
         self.settings = settings
         self.metrics = metrics or DicomMetrics()
         self.spool = Spool(settings.spool)

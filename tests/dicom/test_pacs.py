@@ -279,3 +279,21 @@ def test_results_routed_back_to_the_node_are_not_classified_again(node, pacs, di
     wait_for(lambda: metric(node, "cxr_dicom_instances_refused_total", reason="own_result") == before + 2, 60,
              "the node to recognise its own results")
     assert results(pacs, upload["ParentStudy"]) == results(pacs, upload["ParentStudy"], uid) == found
+
+
+def test_no_patient_data_in_the_nodes_logs_or_metrics(node, pacs, dicom_dir):
+    from tests.e2e.test_phi import PLANTED
+
+    nih = next(p for p in dicom_files(dicom_dir) if p.name.startswith("nih_"))
+    planted = {k: v for k, v in PLANTED.items() if not k.endswith("InstanceUID")}
+    data = copy_with_new_uids(nih, **planted)
+    uids = {k: str(getattr(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True), k))
+            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    upload = pacs.upload(data)
+    pacs.store("cxr", upload["ID"])
+    found = wait_results(pacs, upload["ParentStudy"], uids["SOPInstanceUID"])
+    sr = pydicom.dcmread(io.BytesIO(pacs.instance_file(found["SR"][0])), stop_before_pixels=True)
+    assert str(sr.PatientName) == planted["PatientName"], "the SR belongs to the source's patient"
+    text = node.log_text() + node.metrics_text()
+    for value in [*planted.values(), *uids.values()]:
+        assert value.lower() not in text.lower(), f"{value!r} leaked into the node's logs or metrics"
