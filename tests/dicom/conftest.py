@@ -27,14 +27,19 @@ def pacs_available() -> None:
 
 
 @pytest.fixture(scope="session")
-def dicom_gateway(pacs_available, trained_repository: Path, tmp_path_factory):
+def dicom_inference(pacs_available, trained_repository: Path, tmp_path_factory):
     inference = processes.start_inference(trained_repository, tmp_path_factory.mktemp("dicom-inference"))
-    gateway = processes.start_gateway(inference.address, tmp_path_factory.mktemp("dicom-gateway"),
+    yield inference
+    inference.stop()
+
+
+@pytest.fixture(scope="session")
+def dicom_gateway(dicom_inference, trained_repository: Path, tmp_path_factory):
+    gateway = processes.start_gateway(dicom_inference.address, tmp_path_factory.mktemp("dicom-gateway"),
                                       extra=["--model-repository", str(trained_repository)])
     processes.wait_ready(gateway.address)
     yield gateway
     gateway.stop()
-    inference.stop()
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,7 @@ def test_an_unknown_calling_ae_title_is_refused(node, pacs):
     accepted = subprocess.run(["echoscu", "-aet", orthanc.AE_TITLE, "-aec", NODE_AE, "127.0.0.1", str(node.port)],
                               capture_output=True, text=True, timeout=30)
     assert accepted.returncode == 0, accepted.stderr
-    assert pacs.post_json("/modalities/cxr/echo", {}) is not None or True  # Orthanc's own C-ECHO: raises on failure
+    pacs.post_json("/modalities/cxr/echo", {})  # Orthanc's own C-ECHO to the node: an HTTP error when it fails
 
 
 def _push_and_wait_refused(node, pacs, data: bytes, reason: str) -> str:
@@ -297,3 +297,50 @@ def test_no_patient_data_in_the_nodes_logs_or_metrics(node, pacs, dicom_dir):
     text = node.log_text() + node.metrics_text()
     for value in [*planted.values(), *uids.values()]:
         assert value.lower() not in text.lower(), f"{value!r} leaked into the node's logs or metrics"
+
+
+def test_the_node_passes_tls_and_a_token_on_to_the_gateway_and_dead_letters_what_the_gateway_never_accepts(
+        dicom_inference, pacs, dicom_dir, tmp_path):
+    from tests.gateway import processes
+    from tests.gateway.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    (tmp_path / "tokens").write_text("node-secret\n")
+    gateway = processes.start_gateway(dicom_inference.address, tmp_path / "gateway", extra=[
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
+        "--auth-token-file", str(tmp_path / "tokens")])
+    siim = next(p for p in dicom_files(dicom_dir) if p.name.startswith("siim_"))
+    tls = ["--gateway-tls", "--gateway-ca", str(pki.ca), "--gateway-cert", str(pki.client_cert), "--gateway-key", str(pki.client_key)]
+    try:
+        (tmp_path / "good").mkdir()
+        (tmp_path / "good" / "token").write_text("node-secret\n")
+        port = orthanc.free_port()
+        pacs.add_modality("cxr-tls", NODE_AE, "127.0.0.1", port)
+        node = start_node(gateway.address, tmp_path / "good", [pacs.destination], port=port,
+                          extra=[*tls, "--gateway-token-file", str(tmp_path / "good" / "token")])
+        try:
+            upload = pacs.upload(copy_with_new_uids(siim))
+            pacs.store("cxr-tls", upload["ID"])
+            found = wait_results(pacs, upload["ParentStudy"])
+            assert len(found["SR"]) == 1 and len(found["OT"]) == 1
+        finally:
+            assert node.stop() == 0
+
+        (tmp_path / "wrong").mkdir()
+        (tmp_path / "wrong" / "token").write_text("not-the-secret\n")
+        node = start_node(gateway.address, tmp_path / "wrong", [pacs.destination], port=port,
+                          extra=[*tls, "--gateway-token-file", str(tmp_path / "wrong" / "token"), "--classify-attempts", "2",
+                                 "--retry-backoff", "0.05"])
+        try:
+            upload = pacs.upload(copy_with_new_uids(siim))
+            pacs.store("cxr-tls", upload["ID"])
+            wait_for(lambda: metric(node, "cxr_dicom_dead_letters_total", stage="classify") == 1, 60, "the dead letter")
+            assert metric(node, "cxr_dicom_classify_errors_total", code="UNAUTHENTICATED") == 2
+            [letter] = list((tmp_path / "wrong" / "spool" / "dead-letter").iterdir())
+            assert json.loads((letter / "reason.json").read_text())["code"] == "UNAUTHENTICATED"
+            assert (letter / "source.dcm").is_file(), "the acknowledged instance is kept, not dropped"
+            assert results(pacs, upload["ParentStudy"]) == {"SR": [], "OT": []}
+        finally:
+            assert node.stop() == 0
+    finally:
+        gateway.stop()
