@@ -344,3 +344,33 @@ def test_the_node_passes_tls_and_a_token_on_to_the_gateway_and_dead_letters_what
             assert node.stop() == 0
     finally:
         gateway.stop()
+
+
+def test_kill_9_while_processing_then_restart_gives_each_instance_its_results_once(dicom_gateway, pacs, dicom_dir, tmp_path):
+    """Killed mid-way (one instance's results stored, the others queued, classifying or being sent): after the
+    restart every acknowledged instance has exactly one SR and one SC."""
+    port = orthanc.free_port()
+    pacs.add_modality("cxr-crash2", NODE_AE, "127.0.0.1", port)
+    node = start_node(dicom_gateway.address, tmp_path, [pacs.destination], port=port)
+    sources = [p for p in dicom_files(dicom_dir) if not p.name.startswith("Fake_")][:4] * 2
+    uploads = [pacs.upload(copy_with_new_uids(p)) for p in sources]
+    pacs.store("cxr-crash2", *[u["ID"] for u in uploads])  # all acknowledged
+    wait_for(lambda: metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination) >= 1, 120,
+             "the first results", interval=0.05)
+    node.process.kill()
+    node.process.wait(10)
+    left = sum(1 for _ in (tmp_path / "spool" / "incoming").glob("*.dcm")) + sum(1 for _ in (tmp_path / "spool" / "outbox").iterdir())
+    assert left >= 1, "the kill came too late to test anything: every instance was done"
+
+    restarted = start_node(dicom_gateway.address, tmp_path, [pacs.destination], port=port)
+    try:
+        for upload in uploads:
+            found = wait_results(pacs, upload["ParentStudy"])
+            assert len(found["SR"]) == 1 and len(found["OT"]) == 1, found
+        wait_for(lambda: metric(restarted, "cxr_dicom_spool_depth", stage="incoming") == 0
+                 and metric(restarted, "cxr_dicom_spool_depth", stage="outbox") == 0, 60, "the spool to drain")
+        for upload in uploads:  # still exactly one of each once everything is done
+            found = results(pacs, upload["ParentStudy"])
+            assert len(found["SR"]) == 1 and len(found["OT"]) == 1, found
+    finally:
+        assert restarted.stop() == 0
