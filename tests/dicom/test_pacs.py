@@ -231,19 +231,25 @@ def test_kill_9_between_acknowledgement_and_processing_then_restart_gives_each_i
         assert restarted.stop() == 0
 
 
-def test_stow_rs_to_orthancs_dicomweb_plugin(dicom_gateway, pacs, dicom_dir, tmp_path):
+def test_stow_rs_to_orthancs_dicomweb_plugin_and_c_store_to_a_second_pacs(dicom_gateway, pacs, dicom_dir, tmp_path):
+    """Several destinations at once: STOW-RS to the PACS that sent the instance, C-STORE to an archive."""
     port = orthanc.free_port()
     pacs.add_modality("cxr-stow", NODE_AE, "127.0.0.1", port)
-    node = start_node(dicom_gateway.address, tmp_path, [], port=port, dicomweb=pacs.dicomweb)
-    try:
-        siim = next(p for p in dicom_files(dicom_dir) if p.name.startswith("siim_"))
-        upload = pacs.upload(copy_with_new_uids(siim))
-        pacs.store("cxr-stow", upload["ID"])
-        found = wait_results(pacs, upload["ParentStudy"])
-        assert len(found["SR"]) == 1 and len(found["OT"]) == 1
-        assert metric(node, "cxr_dicom_results_sent_total", destination="dicomweb") == 1
-    finally:
-        assert node.stop() == 0
+    with orthanc.Orthanc.start(tmp_path / "archive", {}) as archive:
+        node = start_node(dicom_gateway.address, tmp_path, [archive.destination], port=port, dicomweb=pacs.dicomweb)
+        try:
+            siim = next(p for p in dicom_files(dicom_dir) if p.name.startswith("siim_"))
+            upload = pacs.upload(copy_with_new_uids(siim))
+            pacs.store("cxr-stow", upload["ID"])
+            found = wait_results(pacs, upload["ParentStudy"])
+            assert len(found["SR"]) == 1 and len(found["OT"]) == 1
+            wait_for(lambda: metric(node, "cxr_dicom_results_sent_total", destination=archive.destination) == 1, 60,
+                     "the C-STORE to the archive")
+            assert metric(node, "cxr_dicom_results_sent_total", destination="dicomweb") == 1
+            archived = {s["MainDicomTags"]["Modality"] for s in archive.get("/series?expand")}
+            assert archived == {"SR", "OT"}, "the archive gets the results (and only them: it never had the source)"
+        finally:
+            assert node.stop() == 0
 
 
 def test_a_destination_that_never_answers_ends_in_the_dead_letter_folder(dicom_gateway, pacs, dicom_dir, tmp_path):
