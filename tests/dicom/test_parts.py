@@ -133,3 +133,15 @@ def test_the_sr_is_a_tid_1500_report_with_each_probability_and_the_sc_has_the_fi
     band = pixels[: pixels.shape[0] - 128]
     assert band.min() == 0 and (band > 200).any(axis=-1).mean() > 0.01, "light caption text on black"
     assert build_sc(source, Classification("m", "1", "", [("a", 1.0)], "a", 1.0)) is None, "no heatmap, no SC"
+
+
+def test_cxr_serve_dicom_is_registered_and_its_flags_load_without_torch_or_the_dicom_libraries():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom cxr.cli import main\ntry:\n    main(['serve', 'dicom', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'pynetdicom', 'highdicom', 'training') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--destination" in done.stdout and "--allow-ae" in done.stdout and "--dicomweb" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
