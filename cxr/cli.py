@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("training.cli_export", "export a run to ONNX into a Triton-layout model repository"),
     "demo-data": ("training.cli_demo_data", "generate a small synthetic phantom data set (not medical data)"),
     "demo-stack": ("training.cli_demo_stack", "train a demo model if needed and serve it (inference + gateway)"),
-    "serve": ("services.cli_serve", "run a service: `cxr serve inference` or `cxr serve gateway`"),
+    "serve": ("services.cli_serve", "run a service: `cxr serve inference`, `cxr serve gateway` or `cxr serve dicom`"),
     "classify": ("services.gateway.cli_classify", "classify image files through a gateway"),
 }
 

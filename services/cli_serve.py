@@ -1,4 +1,4 @@
-"""`cxr serve inference ...` and `cxr serve gateway ...`: each service module owns its own flags.
+"""`cxr serve inference ...`, `cxr serve gateway ...` and `cxr serve dicom ...`: each service module owns its own flags.
 
 Each service package has a `cli` module with `add_arguments(parser)` and `run(args) -> int`.
 """
@@ -11,6 +11,7 @@ import importlib
 SERVICES = {
     "inference": ("services.inference.cli", "KServe v2 / Triton-compatible gRPC inference over onnxruntime"),
     "gateway": ("services.gateway.cli", "the cxr.v1 gRPC API for PACS integrations"),
+    "dicom": ("services.dicom.cli", "DICOM node: C-STORE SCP, classifies through the gateway, returns SR + SC to the PACS"),
 }
 
 

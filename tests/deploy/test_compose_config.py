@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT, require
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-PROFILES = ["trainer", "gpu", "triton"]
+PROFILES = ["trainer", "gpu", "triton", "pacs"]
 
 
 def compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict:
@@ -78,6 +78,7 @@ def test_default_stack_and_profiles(services):
     assert services["trainer"]["profiles"] == ["trainer"]
     assert {n for n, s in services.items() if s.get("profiles") == ["gpu"]} == {"inference-gpu", "gateway-gpu"}
     assert {n for n, s in services.items() if s.get("profiles") == ["triton"]} == {"triton", "gateway-triton"}
+    assert {n for n, s in services.items() if s.get("profiles") == ["pacs"]} == {"dicom", "orthanc"}
 
 
 @pytest.mark.parametrize("gateway,upstream", [("gateway", "inference"), ("gateway-gpu", "inference-gpu"),
@@ -124,7 +125,7 @@ def test_registry_images_are_variables():
 
 
 def test_services_are_hardened(services):
-    for name in ("inference", "gateway", "inference-gpu", "gateway-gpu", "gateway-triton"):
+    for name in ("inference", "gateway", "inference-gpu", "gateway-gpu", "gateway-triton", "dicom"):
         svc = services[name]
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in svc["security_opt"], name
@@ -137,7 +138,7 @@ def test_prometheus_scrapes_the_metrics_port_of_every_cxr_service(services):
     targets = {t for job in scrape for group in job["static_configs"] for t in group["targets"]}
     for name, svc in services.items():
         command = svc.get("command") or []
-        if command[:2] == ["serve", "gateway"] or command[:2] == ["serve", "inference"]:
+        if command[:2] in (["serve", "gateway"], ["serve", "inference"], ["serve", "dicom"]):
             port = command[command.index("--metrics-port") + 1]
             assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}'s metrics port {port}"
             assert port in [str(p) for p in svc["expose"]], f"{name} does not expose its metrics port {port}"
@@ -177,6 +178,7 @@ def test_trainer_command_uses_flags_our_cli_accepts(services):
 
 def test_environment_names_settings_the_service_has(services):
     """Settings ignore unknown CXR_* variables, so a misspelt one would silently do nothing: check each name."""
+    from services.dicom.config import DicomSettings
     from services.gateway.config import GatewaySettings
     from services.inference.config import InferenceSettings
 
@@ -185,9 +187,38 @@ def test_environment_names_settings_the_service_has(services):
         for env, value in (svc.get("environment") or {}).items():
             if not env.startswith("CXR_"):
                 continue
-            settings = InferenceSettings if env.startswith("CXR_INFERENCE_") else GatewaySettings
+            settings = next(s for s in (InferenceSettings, GatewaySettings, DicomSettings)
+                            if env.startswith(s.model_config["env_prefix"]))
             prefix = settings.model_config["env_prefix"]
             assert env.startswith(prefix) and env[len(prefix):].lower() in settings.model_fields, f"{name}: {env}"
             settings(**{env[len(prefix):].lower(): value})
             checked += 1
     assert checked >= 3
+
+
+def test_pacs_profile_the_node_and_orthanc_know_each_other(services):
+    """The node sends to Orthanc's AE title and DICOM port; Orthanc knows the node as modality "cxr" and routes
+    radiographs to it; the node's command parses with our own CLI and keeps its spool on a volume."""
+    import json
+
+    from cxr.cli import SUBCOMMANDS, build_parser
+    from services.dicom.config import Destination
+
+    node, pacs = services["dicom"], services["orthanc"]
+    args = build_parser(load=SUBCOMMANDS["serve"][0]).parse_args(node["command"])
+    assert (args.service, args.gateway) == ("dicom", "gateway:50051")
+    assert node["depends_on"] == {"gateway": {"condition": "service_healthy"}}
+    assert volumes(node)["/spool"]["source"] and not volumes(node)["/spool"]["read_only"]
+    assert node["environment"]["CXR_DICOM_SPOOL"] == "/spool"
+
+    config = json.loads((ROOT / "deploy" / "orthanc" / "orthanc.json").read_text())
+    [destination] = [Destination.parse(d) for d in args.destinations]
+    assert (destination.ae_title, destination.host, destination.port) == (config["DicomAet"], "orthanc", config["DicomPort"])
+    modality = config["DicomModalities"]["cxr"]
+    assert (modality["AET"], modality["Host"], modality["Port"]) == (node["environment"]["CXR_DICOM_AE_TITLE"], "dicom", args.port)
+    assert node["environment"]["CXR_DICOM_ALLOW_AE"] == config["DicomAet"]
+    assert any(p.endswith("libOrthancDicomWeb.so") for p in config["Plugins"]) and config["DicomWeb"]["Enable"]
+    script = (ROOT / "deploy" / "orthanc" / Path(config["LuaScripts"][0]).name).read_text()
+    assert 'SendToModality(instanceId, "cxr")' in script
+    # Orthanc has no authentication here: its published ports stay on loopback by default
+    assert all(str(p.get("host_ip", p) if isinstance(p, dict) else p).startswith("127.0.0.1") for p in pacs["ports"])

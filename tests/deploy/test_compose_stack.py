@@ -111,7 +111,8 @@ def stack(docker_engine: None, trained_repository: Path, tmp_path_factory) -> St
 
     gateway_port, prometheus_port = free_port(), free_port()
     env = {**os.environ, "CXR_MODEL_REPOSITORY": str(repository), "CXR_BIND_ADDRESS": "127.0.0.1",
-           "CXR_GATEWAY_PORT": str(gateway_port), "PROMETHEUS_PORT": str(prometheus_port), "CXR_IMAGE_TAG": "test"}
+           "CXR_GATEWAY_PORT": str(gateway_port), "PROMETHEUS_PORT": str(prometheus_port), "CXR_IMAGE_TAG": "test",
+           "ORTHANC_HTTP_PORT": str(free_port()), "ORTHANC_DICOM_PORT": str(free_port())}
     project = f"cxrtest{os.getpid()}"
     stack = Stack(compose=["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "-p", project], env=env,
                   repository=repository, gateway=f"127.0.0.1:{gateway_port}",
@@ -221,3 +222,41 @@ def test_images_run_non_root_without_torch(stack: Stack):
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["True", "True", str(has_onnxruntime)], f"{image}: {done.stdout}"
     print("\nimage sizes: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in sizes.items()))
+
+
+def test_pacs_profile_orthanc_routes_a_radiograph_to_the_node_and_gets_sr_and_sc_back(stack: Stack, dicom_dir: Path):
+    """`--profile pacs`: the staging Orthanc (Debian's packages, our image) routes a stored CR/DX instance to the
+    DICOM node, which classifies it through the gateway and stores an SR and a Secondary Capture in its study."""
+    import io
+
+    import pydicom
+
+    pacs = ["--profile", "pacs"]
+    try:
+        start = time.monotonic()
+        stack.run(*pacs, "build", "dicom", "orthanc", timeout=1500)
+        stack.run(*pacs, "up", "-d", "dicom", "orthanc", timeout=300)
+        wait_for(lambda: health(stack, "dicom") == "healthy" and health(stack, "orthanc") == "healthy", 120,
+                 "the node's C-ECHO and Orthanc's health checks")
+        print(f"\npacs profile: build + up to healthy {time.monotonic() - start:.1f} s")
+        orthanc = f"http://127.0.0.1:{stack.env['ORTHANC_HTTP_PORT']}"
+        path = next(dicom_dir.glob("nih_*.dcm"))
+        upload = requests.post(f"{orthanc}/instances", data=path.read_bytes(), timeout=60)
+        upload.raise_for_status()
+        study = upload.json()["ParentStudy"]
+
+        def results():
+            series = requests.get(f"{orthanc}/studies/{study}/series", timeout=10).json()
+            found = {s["MainDicomTags"].get("Modality"): s["Instances"] for s in series}
+            return found if found.get("SR") and found.get("OT") else None
+
+        found = wait_for(results, 120, "the SR and SC in the study", interval=1)
+        sr = pydicom.dcmread(io.BytesIO(requests.get(f"{orthanc}/instances/{found['SR'][0]}/file", timeout=10).content))
+        source = pydicom.dcmread(path, stop_before_pixels=True)
+        assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.VerificationFlag == "UNVERIFIED"
+        inspect = json.loads(docker("image", "inspect", stack.image("dicom"), env=stack.env).stdout)[0]
+        assert inspect["Config"]["User"] == "10001:10001"
+    finally:
+        if sys.exc_info()[0] is not None:
+            print(stack.run(*pacs, "logs", "--no-color", "--tail", "60", "dicom", "orthanc", check=False).stdout)
+        stack.run(*pacs, "rm", "-s", "-f", "-v", "dicom", "orthanc", check=False, timeout=180)
