@@ -68,7 +68,7 @@ def start_node(gateway: str, workdir: Path, destinations: list[str], *, port: in
             "--spool", str(workdir / "spool"), "--metrics-port", str(orthanc.free_port()),
             "--retry-backoff", "0.2", "--retry-backoff-max", "2", *(extra or [])]
     if destinations:
-        argv += ["--destination", *destinations]
+        argv += [arg for d in destinations for arg in ("--destination", d)]
     if dicomweb:
         argv += ["--dicomweb", dicomweb]
     return processes.start("dicom", argv, workdir, timeout=60)
