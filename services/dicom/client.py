@@ -79,7 +79,7 @@ class GatewayClient:
             model_name=response.model_name, model_version=response.model_version, model_sha256=response.model_sha256,
             classes=[(c.label, float(c.probability)) for c in response.classes],
             top_class=response.top_class, top_probability=float(response.top_probability),
-            indeterminate=False,  # with the gateway's input gate (i8-gate): response.indeterminate
+            indeterminate=response.indeterminate,  # below the model's operating point: the SR says so
             heatmap_png=bytes(response.heatmap.png), notices=list(response.notices),
         )
 
