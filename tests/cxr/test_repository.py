@@ -48,8 +48,7 @@ def test_write_model_adds_versions_with_config_labels_and_card(onnx_files, tmp_p
     outputs = {o.name: (o.data_type, list(o.dims), o.label_filename) for o in config.output}
     assert outputs == {"probabilities": (DataType.TYPE_FP32, [3], "labels.txt"),
                        "logits": (DataType.TYPE_FP32, [3], "labels.txt"),
-                       "cam": (DataType.TYPE_FP32, [3, 2, 2], ""),
-                       "ood_score": (DataType.TYPE_FP32, [1], "")}
+                       "cam": (DataType.TYPE_FP32, [3, 2, 2], "")}  # the toy model has no input gate
     assert config.HasField("dynamic_batching") and config.dynamic_batching.default_queue_policy.max_queue_size > 0
     assert config.parameters["cxr.classes"].string_value == ",".join(CLASSES)
     assert config.parameters["cxr.image_size"].string_value == "16"

@@ -153,7 +153,7 @@ def test_inference_rest_json_and_binary_tensors_agree(inference_url):
     body = by_json.json()
     assert body["id"] == "j" and body["model_name"] == "custom_cnn" and len(body["parameters"]["model_sha256"]) == 64
     outputs = {o["name"]: np.array(o["data"], np.float32).reshape(o["shape"]) for o in body["outputs"]}
-    assert set(outputs) == {"probabilities", "logits", "cam"}
+    assert set(outputs) == {"probabilities", "logits", "cam", "ood_score"}
 
     by_binary = _infer(inference_url, "custom_cnn", {"inputs": [_image_input(images, True)],
                                                       "outputs": [{"name": "probabilities",

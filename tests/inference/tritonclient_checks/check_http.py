@@ -69,7 +69,8 @@ def test_model_metadata_and_config(client, served_repository):
     assert metadata["platform"] == "onnxruntime_onnx" and sorted(metadata["versions"]) == ["1", "2"]
     assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 1, 64, 64]}]
     outputs = {o["name"]: (o["datatype"], o["shape"]) for o in metadata["outputs"]}
-    assert outputs == {"probabilities": ("FP32", [-1, 3]), "logits": ("FP32", [-1, 3]), "cam": ("FP32", [-1, 3, 2, 2])}
+    assert outputs == {"probabilities": ("FP32", [-1, 3]), "logits": ("FP32", [-1, 3]), "cam": ("FP32", [-1, 3, 2, 2]),
+                       "ood_score": ("FP32", [-1, 1])}
     assert client.get_model_metadata("custom_cnn", "1")["name"] == "custom_cnn"
 
     config = client.get_model_config("custom_cnn")
