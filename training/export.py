@@ -198,6 +198,10 @@ def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble", da
                          for c, m, r in zip(cfgs, members, run_dirs)],
              "combination": "mean of the members' calibrated probabilities (logits and cam: mean too)",
              **_data_card(Path(run_dirs[0]), first)}
+    if len({c.label_policy for c in cfgs}) > 1:  # say each member's, not only the first's
+        extra["label_policy"] = [c.label_policy for c in cfgs]
+        extra["caveats"].append("Members differ in label cleaning: " + ", ".join(
+            f"{Path(r).name}: {c.label_policy}" for r, c in zip(run_dirs, cfgs)) + ".")
     metrics.setdefault("split", json.loads((Path(run_dirs[0]) / "metrics.json").read_text()).get("split"))
     return _write(module, first, _parity_images(first, Path(run_dirs[0])), repo, name, metrics, extra)
 
