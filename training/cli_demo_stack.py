@@ -29,7 +29,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-ra
 PREFERRED_MODELS = ("ensemble", "efficientnet_lite0")
 ADULT_VIRAL = "cxr-adult-viral"  # the folder beside cxr-raw that adds adult viral pneumonia
 # the recipe of the served efficientnet_lite0 (README "Training and results"), shortened for a demo
-PRETRAINED_RECIPE = ("--weights", "imagenet", "--frozen-epochs", "1", "--fine-tune-layers", "10", "--cache-views", "2",
+PRETRAINED_RECIPE = ("--weights", "imagenet", "--frozen-epochs", "1", "--fine-tune-layers", "6", "--cache-views", "1",
                      "--backbone-lr", "3e-4", "--gamma", "0.3", "--equalize", "0.1", "--crop", "0.15", "--noise", "0.03",
                      "--blur", "0.3")
 
@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=os.environ.get("CXR_RAW_DATA", str(DEFAULT_DATA)),
                         help="real radiographs to train the demo model on when present (env CXR_RAW_DATA); else phantoms")
     parser.add_argument("--synthetic", action="store_true", help="train on generated phantoms even when real data is present")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs for the quick demo model")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs for the quick demo model (default: 4 for efficientnet_lite0, 6 for custom_cnn)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="input size of the quick demo model (default: 224 for efficientnet_lite0, 128 for custom_cnn)")
     parser.add_argument("--default-model", default=None,
@@ -100,9 +101,10 @@ def _train_demo_model(args: argparse.Namespace, repository: Path, work: Path) ->
         _step(f"training a quick demo {arch} on the real radiographs in {data}"
               + (f" and {data.parent / ADULT_VIRAL}" if "--extra-data" in extra else ""))
     size = args.image_size or (224 if arch == "efficientnet_lite0" else 128)
+    epochs = args.epochs or (4 if arch == "efficientnet_lite0" else 6)
     run_dir = work / "runs" / arch
     _check(_cxr("train", "--data", str(data), "--arch", arch, "--out", str(run_dir),
-                "--epochs", str(args.epochs), "--image-size", str(size), *extra))
+                "--epochs", str(epochs), "--image-size", str(size), *extra))
     _check(_cxr("evaluate", str(run_dir)))  # fits the temperature, operating point and input gate that export packages
     _step(f"exporting to {repository}")
     _check(_cxr("export", str(run_dir), "--repository", str(repository)))

@@ -272,8 +272,12 @@ def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble", da
              "combination": "mean of the members' calibrated probabilities (logits and cam: mean too); ood_score: "
                             "the largest member score over the ensemble's own threshold",
              **_data_card(Path(run_dirs[0]), first)}
-    metrics.setdefault("split", json.loads((run_dirs[0] / "metrics.json").read_text()).get("split"))
-    return _write(module, first, _parity_images(first, run_dirs[0]), repo, name, metrics, calibration, extra)
+    if len({c.label_policy for c in cfgs}) > 1:  # say each member's, not only the first's
+        extra["label_policy"] = [c.label_policy for c in cfgs]
+        extra["caveats"].append("Members differ in label cleaning: " + ", ".join(
+            f"{Path(r).name}: {c.label_policy}" for r, c in zip(run_dirs, cfgs)) + ".")
+    metrics.setdefault("split", json.loads((Path(run_dirs[0]) / "metrics.json").read_text()).get("split"))
+    return _write(module, first, _parity_images(first, Path(run_dirs[0])), repo, name, metrics, calibration, extra)
 
 
 def _check_compatible(repo: Path, name: str, cfg: TrainConfig) -> None:

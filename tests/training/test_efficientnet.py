@@ -87,7 +87,8 @@ def test_transfer_learning_run_keeps_the_frozen_blocks_and_exports(cxr_raw_dir, 
     assert "efficientnet-lite0-57934424.pth" in log and E.sha256_of(E.package_weights_file()) in log
     assert "0 missing, 0 unexpected" in log and "Transfer learning from imagenet" in log
     assert json.loads((run / "pretrained.json").read_text())["missing_keys"] == []
-    state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)["model"]
+    # the weights after the last epoch (best.pt may hold the frozen first epoch's, when it validated best)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
     trained = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     for key in ("_conv_stem.weight", "_blocks.0._depthwise_conv.weight", "_blocks.9._project_conv.weight",
                 "_blocks.9._bn2.running_var"):
