@@ -35,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.imaging import read_image, resize_for_model  # noqa: E402
 from bench.common import latency_summary, pick_repository, served_model  # noqa: E402
+from cxr.imaging import read_image, resize_for_model  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"

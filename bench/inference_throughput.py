@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = "probabilities"  # what a classifying client asks for (raw computes the same)
 sys.path.insert(0, str(ROOT))
 
-from cxr import repository  # noqa: E402
 from bench.common import latency_summary, pick_repository, served_model  # noqa: E402
+from cxr import repository  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
 
@@ -260,8 +260,8 @@ def main() -> int:
     print(f"median of {args.rounds} rounds of {args.duration:g} s; each ratio is service / raw measured in the same round")
     print("server CPU efficiency: images per CPU-second of the server process against raw onnxruntime's (clients "
           "excluded); other processes on a shared machine disturb it less than wall-clock throughput")
-    print("| clients | raw images/s (batch %d) | service images/s | p50 ms | p99 ms | ratio to raw (min-max) "
-          "| server CPU efficiency | mean batch | errors |" % best_batch)
+    print(f"| clients | raw images/s (batch {best_batch}) | service images/s | p50 ms | p99 ms | ratio to raw (min-max) "
+          "| server CPU efficiency | mean batch | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['clients']} | {row['raw']:.1f} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "

@@ -54,7 +54,7 @@ def main() -> int:
     eval_ips: dict[str, list[float]] = {a: [] for a in models}
     for _ in range(args.rounds):
         for arch, (model, opt) in models.items():
-            def step():
+            def step(model=model, opt=opt):  # bound now: the loop rebinds both
                 idx = torch.randint(0, len(y_all), (args.batch_size,), generator=gen)
                 loss = F.cross_entropy(model(augment(x_all[idx], cfg, gen)), y_all[idx])
                 opt.zero_grad()

@@ -39,7 +39,7 @@ class Calibration:
             np.savez(folder / GATE_FILE, **gate_arrays)
 
     @classmethod
-    def load(cls, folder: Path) -> "Calibration":
+    def load(cls, folder: Path) -> Calibration:
         """Raises FileNotFoundError (saying which command makes it) when the folder was never evaluated."""
         path = Path(folder) / CALIBRATION_FILE
         if not path.is_file():

@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from training.cli_evaluate import expand_runs
     from cxr.repository import RepositoryError
+    from training.cli_evaluate import expand_runs
     from training.export import ExportError, export_ensemble, export_run
     from training.train import setup_logging
 

@@ -103,7 +103,7 @@ class TrainConfig(BaseModel):
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "TrainConfig":
+    def load(cls, path: Path) -> TrainConfig:
         return cls.model_validate(json.loads(Path(path).read_text()))
 
 

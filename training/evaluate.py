@@ -199,7 +199,7 @@ def plot_reliability(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray
 
 def validation_predictions(run_dir: Path, data_dir: str | None = None):
     """(logits, val ImageSet, cfg) of a run's best checkpoint on its own validation split."""
-    from training.train import load_model, prepare_split, predict_logits
+    from training.train import load_model, predict_logits, prepare_split
 
     model, cfg = load_model(run_dir)
     if data_dir:

@@ -204,7 +204,7 @@ def _card(cfg: TrainConfig, metrics: dict, parity: dict, calibration: Calibratio
                         "synthetic_demo": synthetic},
         "split": metrics.get("split"),
         "onnx": {"opset": OPSET, "parity": parity},
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **extra,
     }
 

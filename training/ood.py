@@ -49,7 +49,7 @@ class Gaussians:
         return {"means": self.means, "whitening": self.whitening, "shrinkage": np.array(self.shrinkage)}
 
     @classmethod
-    def from_arrays(cls, arrays) -> "Gaussians":
+    def from_arrays(cls, arrays) -> Gaussians:
         return cls(np.asarray(arrays["means"]), np.asarray(arrays["whitening"]), float(arrays["shrinkage"]))
 
 
@@ -125,7 +125,7 @@ class Gate:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays) -> "Gate":
+    def from_arrays(cls, arrays) -> Gate:
         medians = [float(m) for m in np.asarray(arrays["medians"])]
         layers = [Gaussians.from_arrays({k: arrays[f"{k}_{i}"] for k in ("means", "whitening", "shrinkage")})
                   for i in range(len(medians))]

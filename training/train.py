@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from training import data as D
 from training.config import TrainConfig
 from training.metrics import macro_auc
-from training.runs import RunDir
 from training.models import backbone_blocks, build_model, set_trainable_top
+from training.runs import RunDir
 
 log = logging.getLogger("cxr.training")
 

@@ -15,9 +15,9 @@ import urllib.request
 import uuid
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from services.dicom.config import Destination
 

@@ -83,7 +83,7 @@ def result_uids(source: Dataset, model_identity: str) -> ResultUIDs:
     sop, series = str(source.SOPInstanceUID), str(source.get("SeriesInstanceUID", ""))
 
     def uid(*parts: str) -> str:
-        return "2.25.%d" % uuid.uuid5(UID_NAMESPACE, "|".join(parts)).int
+        return f"2.25.{uuid.uuid5(UID_NAMESPACE, '|'.join(parts)).int}"
 
     return ResultUIDs(
         sr_series=uid("sr-series", series, model_identity),

@@ -24,8 +24,8 @@ from cxr.imaging import DecodedImage, ImageError, ImageLimits, read_image, resiz
 from services.common.errors import ServiceError, aborts_on_error
 from services.common.logging import log_request
 from services.common.serving import Lifecycle
-from services.gateway.config import GatewaySettings
 from services.gateway import input_gate
+from services.gateway.config import GatewaySettings
 from services.gateway.decode_pool import DecodePool
 from services.gateway.heatmap import overlay_png
 from services.gateway.metrics import GatewayMetrics

@@ -18,12 +18,11 @@ internal 500, anything else 400. Health and readiness answer 200, or 400 when no
 
 from __future__ import annotations
 
+import contextvars
 import gzip
 import json
 import logging
 import zlib
-
-import contextvars
 
 import grpc
 import numpy as np

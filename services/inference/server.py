@@ -28,9 +28,9 @@ from services.common.serving import (
 )
 from services.inference.config import InferenceSettings
 from services.inference.metrics import InferenceMetrics
-from services.inference.security import add_port, auth_interceptors, describe_security
 from services.inference.model_manager import READY, ModelManager, ModelVersion
 from services.inference.rest import start_http
+from services.inference.security import add_port, auth_interceptors, describe_security
 from services.inference.tensors import classify, decode_inputs, encode_output, parse_requested_outputs
 
 log = logging.getLogger("cxr.inference")

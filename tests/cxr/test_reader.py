@@ -11,7 +11,15 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cxr.imaging import DEFAULT_IMAGE_SIZE, ImageError, ImageLimits, load_for_model, read_image, read_image_file, resize_for_model
+from cxr.imaging import (
+    DEFAULT_IMAGE_SIZE,
+    ImageError,
+    ImageLimits,
+    load_for_model,
+    read_image,
+    read_image_file,
+    resize_for_model,
+)
 from tests.cxr import corpus
 
 # damaged inputs make pydicom and PIL warn on their way to the refusal we assert: expected, not noise to show

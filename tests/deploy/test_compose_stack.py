@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from promql_check import DASHBOARD, expressions, metric_references, substitute
 
 from conftest import ROOT, require
-from promql_check import DASHBOARD, expressions, metric_references, substitute
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from promql_check import DASHBOARD, TARGET_LABELS, exported_series, expressions, metric_references, substitute
 
 from conftest import ROOT, require
-from promql_check import DASHBOARD, TARGET_LABELS, expressions, exported_series, metric_references, substitute
 
 
 @pytest.fixture(scope="module")

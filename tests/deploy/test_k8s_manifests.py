@@ -36,7 +36,7 @@ def validate(obj: dict) -> None:
 
 
 def test_every_object_validates_against_the_kubernetes_schemas(objects):
-    for (kind, name), obj in objects.items():
+    for (kind, _name), obj in objects.items():
         if kind == "ServiceMonitor":
             continue  # a Prometheus Operator CRD, not in the Kubernetes schemas: checked in its own test
         validate(obj)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from promql_check import TARGET_LABELS, exported_series, metric_references
 
 from conftest import ROOT, require
-from promql_check import TARGET_LABELS, exported_series, metric_references
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 

@@ -94,7 +94,7 @@ class Orthanc:
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.monotonic() > deadline:
                     process.kill()
-                    raise RuntimeError(f"Orthanc did not answer within {timeout:.0f} s:\n{pacs.log_text()[-3000:]}")
+                    raise RuntimeError(f"Orthanc did not answer within {timeout:.0f} s:\n{pacs.log_text()[-3000:]}") from None
                 time.sleep(0.2)
 
     def log_text(self) -> str:

@@ -10,7 +10,6 @@ nothing, STOW-RS works, and a destination that never answers ends in the dead-le
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import shutil

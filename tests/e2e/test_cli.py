@@ -3,14 +3,12 @@ requires mutual TLS and a bearer token in front of the real inference service.""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from cxr.imaging import load_for_model

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from conftest import require  # tests/conftest.py
 
+from conftest import require  # tests/conftest.py
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
 from cxr.generated.cxr.v1 import gateway_pb2_grpc
 from tests.gateway import processes

@@ -19,7 +19,7 @@ def _wait_in_flight(gateway: processes.Service, count: int, timeout: float = 30.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         metrics = requests.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=5).text
-        line = next(l for l in metrics.splitlines() if l.startswith("cxr_gateway_in_flight_requests "))
+        line = next(x for x in metrics.splitlines() if x.startswith("cxr_gateway_in_flight_requests "))
         if float(line.split()[-1]) >= count:
             return
         time.sleep(0.02)

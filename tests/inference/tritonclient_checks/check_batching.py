@@ -12,8 +12,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from inference.tritonclient_checks.triton_helpers import image_input
 from inference.server_process import start_server
+from inference.tritonclient_checks.triton_helpers import image_input
 
 QUEUE_DELAY_S = 1.0
 

@@ -13,8 +13,8 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from inference.tritonclient_checks.triton_helpers import expect_error, image_input
 from inference.server_process import start_server
+from inference.tritonclient_checks.triton_helpers import expect_error, image_input
 
 
 def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_repository, radiographs, tmp_path):

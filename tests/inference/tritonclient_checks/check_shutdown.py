@@ -12,8 +12,8 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from inference.tritonclient_checks.triton_helpers import image_input
 from inference.server_process import start_server
+from inference.tritonclient_checks.triton_helpers import image_input
 
 
 def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_repository, radiographs, tmp_path):
