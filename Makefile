@@ -30,6 +30,7 @@ test: $(STAMP) lint
 ## ruff, configured in pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow and not docker"

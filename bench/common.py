@@ -43,8 +43,9 @@ def served_model(repo: Path, name: str | None, preferred: str) -> ServedModel:
     name = name or (preferred if preferred in models else models[0])
     config = repository.read_config(repo / name)
     version = repository.select_versions(config, repository.list_versions(repo / name))[-1]
-    return ServedModel(name, version, config, repository.model_path(repo / name, version, config),
-                       int(config.input[0].dims[-1]))
+    return ServedModel(
+        name, version, config, repository.model_path(repo / name, version, config), int(config.input[0].dims[-1])
+    )
 
 
 def latency_summary(latencies: list[float], elapsed: float, clients: int, errors: int) -> dict:

@@ -51,8 +51,15 @@ def instances(copies: int) -> list[bytes]:
             if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
                 ds.file_meta = pydicom.dataset.FileMetaDataset()
                 ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID, ds.file_meta.MediaStorageSOPClassUID = ds.SOPInstanceUID, ds.SOPClassUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+                generate_uid(),
+                generate_uid(),
+                generate_uid(),
+            )
+            ds.file_meta.MediaStorageSOPInstanceUID, ds.file_meta.MediaStorageSOPClassUID = (
+                ds.SOPInstanceUID,
+                ds.SOPClassUID,
+            )
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
             out.append(buffer.getvalue())
@@ -95,15 +102,52 @@ def main() -> int:
         work = Path(tmp)
         repo = pick_repository(args.repository, work / "trained")
         data = instances(args.copies)
-        inference = start_service("inference", ["--repository", str(repo), "--port", "0", "--metrics-port", "0",
-                                                "--host", "127.0.0.1", "--intra-op-threads", "1"], work / "inference", env=env)
-        gateway = start_service("gateway", ["--inference", inference.address, "--port", "0", "--metrics-port", "0",
-                                            "--host", "127.0.0.1"], work / "gateway", env=env)
+        inference = start_service(
+            "inference",
+            [
+                "--repository",
+                str(repo),
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--host",
+                "127.0.0.1",
+                "--intra-op-threads",
+                "1",
+            ],
+            work / "inference",
+            env=env,
+        )
+        gateway = start_service(
+            "gateway",
+            ["--inference", inference.address, "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1"],
+            work / "gateway",
+            env=env,
+        )
         node_port = free_port()
         pacs = Orthanc.start(work / "orthanc", {"cxr": ("CXR", "127.0.0.1", node_port)})
-        node = start_service("dicom", ["--gateway", gateway.address, "--host", "127.0.0.1", "--port", str(node_port),
-                                       "--metrics-port", "0", "--spool", str(work / "spool"), "--workers", str(args.workers),
-                                       "--destination", pacs.destination], work / "node", env=env)
+        node = start_service(
+            "dicom",
+            [
+                "--gateway",
+                gateway.address,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(node_port),
+                "--metrics-port",
+                "0",
+                "--spool",
+                str(work / "spool"),
+                "--workers",
+                str(args.workers),
+                "--destination",
+                pacs.destination,
+            ],
+            work / "node",
+            env=env,
+        )
         try:
             time.sleep(2)  # inference warms its models up before it reports ready; the gateway's first metadata fetch
             direct = gateway_baseline(gateway.address, data, args.workers)
@@ -116,8 +160,12 @@ def main() -> int:
                     raise RuntimeError("the node died:\n" + node.log_text()[-3000:])
                 time.sleep(0.05)
             elapsed = time.perf_counter() - started
-            stored = sum(1 for s in pacs.get("/series?expand") if s["MainDicomTags"].get("Modality") in ("SR", "OT")
-                         for _ in s["Instances"])
+            stored = sum(
+                1
+                for s in pacs.get("/series?expand")
+                if s["MainDicomTags"].get("Modality") in ("SR", "OT")
+                for _ in s["Instances"]
+            )
             assert stored == 2 * len(ids), f"{stored} result objects in Orthanc for {len(ids)} instances"
             result = {
                 "instances": len(ids),

@@ -62,7 +62,11 @@ def inputs() -> dict[str, bytes]:
     ds16.save_as(out16, enforce_file_format=True)
     png = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(png, format="PNG")
-    return {"dicom 8-bit 1024x1024": original, "dicom 16-bit 1024x1024": out16.getvalue(), "png 8-bit 1024x1024": png.getvalue()}
+    return {
+        "dicom 8-bit 1024x1024": original,
+        "dicom 16-bit 1024x1024": out16.getvalue(),
+        "png 8-bit 1024x1024": png.getvalue(),
+    }
 
 
 def baseline(model_path: Path, size: int, data: bytes, threads: int, seconds: float) -> dict:
@@ -92,8 +96,12 @@ def baseline(model_path: Path, size: int, data: bytes, threads: int, seconds: fl
 
 
 def start(name: str, argv: list[str], workdir: Path, threads: int) -> ServiceProcess:
-    return start_service(name, [*argv, "--host", "127.0.0.1", "--port", "0", "--http-port", "-1"], workdir,
-                         env={"OMP_NUM_THREADS": str(threads)})
+    return start_service(
+        name,
+        [*argv, "--host", "127.0.0.1", "--port", "0", "--http-port", "-1"],
+        workdir,
+        env={"OMP_NUM_THREADS": str(threads)},
+    )
 
 
 async def drive(port: int, model: str, data: bytes, clients: int, seconds: float) -> dict:
@@ -146,7 +154,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", help="model repository (default: ./model_repository, else train a small one)")
     parser.add_argument("--model", default=None, help="model (default: ensemble when present, else the first)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime intra-op threads, baseline and service alike")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="onnxruntime intra-op threads, baseline and service alike",
+    )
     parser.add_argument("--decode-workers", type=int, default=os.cpu_count() or 1, help="gateway decode threads")
     parser.add_argument("--decode-processes", type=int, default=0, help="gateway decode worker processes (0: threads)")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients to measure")
@@ -160,31 +173,60 @@ def main() -> int:
         chosen = served_model(repo, args.model, preferred="ensemble")
         model, version, model_path, size = chosen.name, chosen.version, chosen.path, chosen.size
         encoded = inputs()
-        print(f"model {model} v{version} ({size}x{size}); {args.threads} intra-op threads; {args.decode_workers} gateway "
-              f"decode threads, {args.decode_processes} decode processes; {os.cpu_count()} CPUs; "
-              f"{platform.processor() or platform.machine()}", flush=True)
+        print(
+            f"model {model} v{version} ({size}x{size}); {args.threads} intra-op threads; {args.decode_workers} gateway "
+            f"decode threads, {args.decode_processes} decode processes; {os.cpu_count()} CPUs; "
+            f"{platform.processor() or platform.machine()}",
+            flush=True,
+        )
 
         results: dict[str, dict] = {}
         for name, data in encoded.items():
-            results[name] = {"bytes": len(data), "baseline": baseline(model_path, size, data, args.threads, args.duration), "stack": []}
+            results[name] = {
+                "bytes": len(data),
+                "baseline": baseline(model_path, size, data, args.threads, args.duration),
+                "stack": [],
+            }
             b = results[name]["baseline"]
-            print(f"  {name} ({len(data)} bytes) in-process: {b['throughput']:7.1f} images/s  p50 {b['p50_ms']:7.2f} ms", flush=True)
+            print(
+                f"  {name} ({len(data)} bytes) in-process: {b['throughput']:7.1f} images/s  p50 {b['p50_ms']:7.2f} ms",
+                flush=True,
+            )
 
-        inference = start("inference", ["--repository", str(repo), "--metrics-port", "0",
-                                                        "--intra-op-threads", str(args.threads)], workdir, args.threads)
-        gateway = start("gateway", ["--inference", inference.address, "--metrics-port", "0",
-                                                  "--decode-workers", str(args.decode_workers),
-                                                  "--decode-processes", str(args.decode_processes)], workdir, args.threads)
+        inference = start(
+            "inference",
+            ["--repository", str(repo), "--metrics-port", "0", "--intra-op-threads", str(args.threads)],
+            workdir,
+            args.threads,
+        )
+        gateway = start(
+            "gateway",
+            [
+                "--inference",
+                inference.address,
+                "--metrics-port",
+                "0",
+                "--decode-workers",
+                str(args.decode_workers),
+                "--decode-processes",
+                str(args.decode_processes),
+            ],
+            workdir,
+            args.threads,
+        )
         try:
             for name, data in encoded.items():
                 for clients in (int(c) for c in args.clients.split(",")):
                     row = asyncio.run(drive(gateway.port, model, data, clients, args.duration))
                     row["ratio"] = row["throughput"] / results[name]["baseline"]["throughput"]
                     results[name]["stack"].append(row)
-                    print(f"  {name} gateway N={clients:2d}: {row['throughput']:7.1f} images/s  p50 {row['p50_ms']:7.2f} ms  "
-                          f"p99 {row['p99_ms']:7.2f} ms  ratio {row['ratio']:.2f}  errors {row['errors']}  | inside the "
-                          f"gateway (median ms): decode {row['gw_decode_ms']:.1f} resize {row['gw_preprocess_ms']:.1f} "
-                          f"inference call {row['gw_inference_ms']:.1f} total {row['gw_total_ms']:.1f}", flush=True)
+                    print(
+                        f"  {name} gateway N={clients:2d}: {row['throughput']:7.1f} images/s  p50 {row['p50_ms']:7.2f} ms  "
+                        f"p99 {row['p99_ms']:7.2f} ms  ratio {row['ratio']:.2f}  errors {row['errors']}  | inside the "
+                        f"gateway (median ms): decode {row['gw_decode_ms']:.1f} resize {row['gw_preprocess_ms']:.1f} "
+                        f"inference call {row['gw_inference_ms']:.1f} total {row['gw_total_ms']:.1f}",
+                        flush=True,
+                    )
         finally:
             for service in (gateway, inference):
                 service.stop(60)
@@ -193,7 +235,10 @@ def main() -> int:
         for name, data in encoded.items():
             again = baseline(model_path, size, data, args.threads, args.duration)
             first = results[name]["baseline"]
-            print(f"  {name} in-process again: {again['throughput']:7.1f} images/s (before: {first['throughput']:.1f})", flush=True)
+            print(
+                f"  {name} in-process again: {again['throughput']:7.1f} images/s (before: {first['throughput']:.1f})",
+                flush=True,
+            )
             if again["throughput"] > first["throughput"]:
                 results[name]["baseline"] = again
             for row in results[name]["stack"]:
@@ -204,19 +249,29 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, result in results.items():
         b = result["baseline"]
-        print(f"| {name} | in-process decode+resize+onnxruntime | 1 | {b['throughput']:.1f} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | 1.00 |")
+        print(
+            f"| {name} | in-process decode+resize+onnxruntime | 1 | {b['throughput']:.1f} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | 1.00 |"
+        )
         for row in result["stack"]:
-            print(f"| {name} | gateway -> inference (gRPC) | {row['clients']} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
-                  f"{row['p99_ms']:.2f} | {row['ratio']:.2f} |")
-    print("\n| input | clients | gateway decode ms | resize ms | inference call ms | gateway total ms | client p50 ms |")
+            print(
+                f"| {name} | gateway -> inference (gRPC) | {row['clients']} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
+                f"{row['p99_ms']:.2f} | {row['ratio']:.2f} |"
+            )
+    print(
+        "\n| input | clients | gateway decode ms | resize ms | inference call ms | gateway total ms | client p50 ms |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, result in results.items():
         for row in result["stack"]:
-            print(f"| {name} | {row['clients']} | {row['gw_decode_ms']:.1f} | {row['gw_preprocess_ms']:.1f} | "
-                  f"{row['gw_inference_ms']:.1f} | {row['gw_total_ms']:.1f} | {row['p50_ms']:.1f} |")
+            print(
+                f"| {name} | {row['clients']} | {row['gw_decode_ms']:.1f} | {row['gw_preprocess_ms']:.1f} | "
+                f"{row['gw_inference_ms']:.1f} | {row['gw_total_ms']:.1f} | {row['p50_ms']:.1f} |"
+            )
     print("\nCPU only. Clients, gateway and inference share the machine's cores with each other.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model, "version": version, "size": size, "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"model": model, "version": version, "size": size, "results": results}, indent=2)
+        )
     return 0
 
 

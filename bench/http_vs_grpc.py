@@ -45,7 +45,7 @@ def grpc_caller(port: int, model: str, images: np.ndarray):
     for i in range(len(images)):
         request = pb.ModelInferRequest(model_name=model, id=f"bench-{i}")
         request.inputs.add(name="image", datatype="UINT8", shape=[1, *images.shape[1:]])
-        request.raw_input_contents.append(images[i:i + 1].tobytes())
+        request.raw_input_contents.append(images[i : i + 1].tobytes())
         request.outputs.add(name=OUTPUT)
         requests.append(request)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -68,11 +68,20 @@ def rest_caller(port: int, model: str, images: np.ndarray, binary: bool):
             tensor["parameters"] = {"binary_data_size": images[i].nbytes}
         else:
             tensor["data"] = images[i].reshape(-1).tolist()
-        header = json.dumps({"id": f"bench-{i}", "inputs": [tensor],
-                             "outputs": [{"name": OUTPUT, "parameters": {"binary_data": binary}}]}).encode()
+        header = json.dumps(
+            {
+                "id": f"bench-{i}",
+                "inputs": [tensor],
+                "outputs": [{"name": OUTPUT, "parameters": {"binary_data": binary}}],
+            }
+        ).encode()
         if binary:
-            bodies.append((header + images[i].tobytes(), {"Inference-Header-Content-Length": str(len(header)),
-                                                          "Content-Type": "application/octet-stream"}))
+            bodies.append(
+                (
+                    header + images[i].tobytes(),
+                    {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+                )
+            )
         else:
             bodies.append((header, {"Content-Type": "application/json"}))
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -117,8 +126,9 @@ async def drive(call, clients: int, seconds: float) -> dict:
     return latency_summary(latencies, time.perf_counter() - start, clients, errors)
 
 
-async def measure(grpc_port: int, http_port: int, model: str, images: np.ndarray, clients: list[int],
-                  rounds: int, seconds: float) -> list[dict]:
+async def measure(
+    grpc_port: int, http_port: int, model: str, images: np.ndarray, clients: list[int], rounds: int, seconds: float
+) -> list[dict]:
     transports = {
         "grpc": grpc_caller(grpc_port, model, images),
         "rest_binary": rest_caller(http_port, model, images, binary=True),
@@ -132,15 +142,24 @@ async def measure(grpc_port: int, http_port: int, model: str, images: np.ndarray
                 per_round.append({name: await drive(call, n, seconds) for name, (call, _close) in transports.items()})
             row = {"clients": n}
             for name in transports:
-                row[name] = {key: statistics.median(r[name][key] for r in per_round)
-                             for key in ("throughput", "p50_ms", "p99_ms")}
+                row[name] = {
+                    key: statistics.median(r[name][key] for r in per_round)
+                    for key in ("throughput", "p50_ms", "p99_ms")
+                }
                 row[name]["errors"] = sum(r[name]["errors"] for r in per_round)
                 row[name]["ratio_to_grpc"] = statistics.median(
-                    r[name]["throughput"] / r["grpc"]["throughput"] for r in per_round)
+                    r[name]["throughput"] / r["grpc"]["throughput"] for r in per_round
+                )
             rows.append(row)
-            print(f"  clients {n:3d}: " + "; ".join(
-                f"{name} {row[name]['throughput']:7.1f}/s p50 {row[name]['p50_ms']:6.1f} ms "
-                f"(x{row[name]['ratio_to_grpc']:.2f})" for name in transports), flush=True)
+            print(
+                f"  clients {n:3d}: "
+                + "; ".join(
+                    f"{name} {row[name]['throughput']:7.1f}/s p50 {row[name]['p50_ms']:6.1f} ms "
+                    f"(x{row[name]['ratio_to_grpc']:.2f})"
+                    for name in transports
+                ),
+                flush=True,
+            )
     finally:
         for _call, close in transports.values():
             await close()
@@ -150,7 +169,9 @@ async def measure(grpc_port: int, http_port: int, model: str, images: np.ndarray
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", help="model repository (default: ./model_repository, else train a small one)")
-    parser.add_argument("--model", default=None, help="model to serve (default: custom_cnn when present, else the first)")
+    parser.add_argument(
+        "--model", default=None, help="model to serve (default: custom_cnn when present, else the first)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of the server")
     parser.add_argument("--clients", default="1,8", help="concurrent single-image clients to measure")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per transport per round")
@@ -163,16 +184,47 @@ def main() -> int:
         repo = pick_repository(args.repository, workdir)
         chosen = served_model(repo, args.model, preferred="custom_cnn")
         images = load_images(chosen.size)
-        print(f"model {chosen.name} v{chosen.version} ({chosen.size}x{chosen.size}: {images[0].nbytes} bytes per "
-              f"image); {args.threads} intra-op thread(s); {os.cpu_count()} CPUs; load average "
-              f"{os.getloadavg()[0]:.1f}", flush=True)
-        server = start_service("inference", ["--repository", str(repo), "--host", "127.0.0.1", "--port", "0",
-                                             "--http-port", "0", "--metrics-port", "-1", "--model-control", "explicit",
-                                             "--load-model", chosen.name, "--intra-op-threads", str(args.threads)],
-                               workdir, env={"OMP_NUM_THREADS": str(args.threads)})
+        print(
+            f"model {chosen.name} v{chosen.version} ({chosen.size}x{chosen.size}: {images[0].nbytes} bytes per "
+            f"image); {args.threads} intra-op thread(s); {os.cpu_count()} CPUs; load average "
+            f"{os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        server = start_service(
+            "inference",
+            [
+                "--repository",
+                str(repo),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--model-control",
+                "explicit",
+                "--load-model",
+                chosen.name,
+                "--intra-op-threads",
+                str(args.threads),
+            ],
+            workdir,
+            env={"OMP_NUM_THREADS": str(args.threads)},
+        )
         try:
-            rows = asyncio.run(measure(server.port, server.http_port, chosen.name, images,
-                                       [int(c) for c in args.clients.split(",")], args.rounds, args.duration))
+            rows = asyncio.run(
+                measure(
+                    server.port,
+                    server.http_port,
+                    chosen.name,
+                    images,
+                    [int(c) for c in args.clients.split(",")],
+                    args.rounds,
+                    args.duration,
+                )
+            )
         finally:
             server.stop()
         print(f"load average after: {os.getloadavg()[0]:.1f}")

@@ -82,9 +82,26 @@ class RawModel:
 
 
 def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> ServiceProcess:
-    return start_service("inference", ["--repository", str(repo), "--host", "127.0.0.1", "--port", "0", "--http-port", "-1", "--metrics-port",
-                                       "-1", "--intra-op-threads", str(threads), *extra],
-                         workdir, env={"OMP_NUM_THREADS": str(threads)})
+    return start_service(
+        "inference",
+        [
+            "--repository",
+            str(repo),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--http-port",
+            "-1",
+            "--metrics-port",
+            "-1",
+            "--intra-op-threads",
+            str(threads),
+            *extra,
+        ],
+        workdir,
+        env={"OMP_NUM_THREADS": str(threads)},
+    )
 
 
 def execution_counts(port: int, model: str) -> tuple[int, int]:
@@ -95,8 +112,9 @@ def execution_counts(port: int, model: str) -> tuple[int, int]:
     from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=model),
-                                                                          timeout=30)
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=30
+        )
     return (sum(s.inference_count for s in stats.model_stats), sum(s.execution_count for s in stats.model_stats))
 
 
@@ -117,7 +135,7 @@ async def drive(port: int, model: str, images: np.ndarray, clients: int, seconds
     for i in range(len(images)):
         request = pb.ModelInferRequest(model_name=model, id=f"bench-{i}")
         request.inputs.add(name="image", datatype="UINT8", shape=[1, *images.shape[1:]])
-        request.raw_input_contents.append(images[i:i + 1].tobytes())
+        request.raw_input_contents.append(images[i : i + 1].tobytes())
         request.outputs.add(name=OUTPUT)
         requests.append(request)
     latencies: list[float] = []
@@ -158,15 +176,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", help="model repository (default: ./model_repository, else train a small one)")
     parser.add_argument("--model", default=None, help="model to serve (default: resnet50 when present, else the first)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="onnxruntime intra-op threads, for raw and for the service alike")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="onnxruntime intra-op threads, for raw and for the service alike",
+    )
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent single-image clients to measure")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of service load per round")
     parser.add_argument("--rounds", type=int, default=5, help="raw-then-service rounds per client count")
     parser.add_argument("--raw-duration", type=float, default=2.0, help="seconds per batch size in the raw sweep")
-    parser.add_argument("--instances", type=int, default=0,
-                        help="serve a copy of the model with this instance_group count, each instance with "
-                             "threads/instances intra-op threads (default: the model's config as it is)")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=0,
+        help="serve a copy of the model with this instance_group count, each instance with "
+        "threads/instances intra-op threads (default: the model's config as it is)",
+    )
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for `cxr serve inference`")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -178,10 +204,13 @@ def main() -> int:
         model, version, config, model_path, size = chosen.name, chosen.version, chosen.config, chosen.path, chosen.size
         images = load_images(size)
         batching = config.dynamic_batching
-        print(f"model {model} v{version} ({size}x{size}, max_batch_size {config.max_batch_size}, "
-              f"max_queue_delay {batching.max_queue_delay_microseconds} us, instances "
-              f"{sum(g.count for g in config.instance_group) or 1}); {args.threads} intra-op threads; "
-              f"{os.cpu_count()} CPUs; {platform.processor() or platform.machine()}", flush=True)
+        print(
+            f"model {model} v{version} ({size}x{size}, max_batch_size {config.max_batch_size}, "
+            f"max_queue_delay {batching.max_queue_delay_microseconds} us, instances "
+            f"{sum(g.count for g in config.instance_group) or 1}); {args.threads} intra-op threads; "
+            f"{os.cpu_count()} CPUs; {platform.processor() or platform.machine()}",
+            flush=True,
+        )
 
         raw_model = RawModel(model_path, images, args.threads)
         sweep = {}
@@ -194,12 +223,17 @@ def main() -> int:
         # The baseline is raw at its best: with onnxruntime's default spinning threads, or without, whichever is faster.
         # Alternating measurements, compared by their medians: one pair alone is at the mercy of the machine's load.
         quiet = RawModel(model_path, images, args.threads, spin_wait=False)
-        pairs = [(raw_model.throughput(best_batch, args.raw_duration), quiet.throughput(best_batch, args.raw_duration))
-                 for _ in range(3)]
+        pairs = [
+            (raw_model.throughput(best_batch, args.raw_duration), quiet.throughput(best_batch, args.raw_duration))
+            for _ in range(3)
+        ]
         spinning_rate = statistics.median(s for s, _ in pairs)
         quiet_rate = statistics.median(q for _, q in pairs)
-        print(f"  raw at batch {best_batch} (median of 3): spinning threads {spinning_rate:.1f}, sleeping threads "
-              f"{quiet_rate:.1f} images/s", flush=True)
+        print(
+            f"  raw at batch {best_batch} (median of 3): spinning threads {spinning_rate:.1f}, sleeping threads "
+            f"{quiet_rate:.1f} images/s",
+            flush=True,
+        )
         if quiet_rate >= spinning_rate:
             raw_model = quiet
 
@@ -216,8 +250,10 @@ def main() -> int:
             config.instance_group.add(count=args.instances, kind=kind)
             config.parameters["intra_op_thread_count"].string_value = str(max(1, args.threads // args.instances))
             repository.write_config(served / model, config)
-            print(f"  service: {args.instances} instances x {max(1, args.threads // args.instances)} intra-op threads",
-                  flush=True)
+            print(
+                f"  service: {args.instances} instances x {max(1, args.threads // args.instances)} intra-op threads",
+                flush=True,
+            )
         server = start_server(served, workdir, args.threads, args.server_arg)
         port = server.port
         rows = []
@@ -230,48 +266,76 @@ def main() -> int:
                     service = asyncio.run(drive(port, model, images, clients, args.duration, server.process.pid))
                     service["cpu_ratio"] = service["per_cpu_s"] / raw_model.last_per_cpu_s
                     rounds.append((raw, service))
-                    print(f"  N={clients:3d}: raw {raw:8.1f}  service {service['throughput']:8.1f} images/s  "
-                          f"ratio {service['throughput'] / raw:.2f}  p50 {service['p50_ms']:7.2f} ms  "
-                          f"p99 {service['p99_ms']:7.2f} ms  server CPU efficiency {service['cpu_ratio']:.2f}  "
-                          f"errors {service['errors']}", flush=True)
+                    print(
+                        f"  N={clients:3d}: raw {raw:8.1f}  service {service['throughput']:8.1f} images/s  "
+                        f"ratio {service['throughput'] / raw:.2f}  p50 {service['p50_ms']:7.2f} ms  "
+                        f"p99 {service['p99_ms']:7.2f} ms  server CPU efficiency {service['cpu_ratio']:.2f}  "
+                        f"errors {service['errors']}",
+                        flush=True,
+                    )
                 ratios = [s["throughput"] / r for r, s in rounds]
                 rows_after, batches_after = execution_counts(port, model)
                 mean_batch = (rows_after - rows_before) / max(batches_after - batches_before, 1)
-                rows.append({
-                    "clients": clients,
-                    "raw": statistics.median(r for r, _ in rounds),
-                    "throughput": statistics.median(s["throughput"] for _, s in rounds),
-                    "p50_ms": statistics.median(s["p50_ms"] for _, s in rounds),
-                    "p99_ms": statistics.median(s["p99_ms"] for _, s in rounds),
-                    "ratio": statistics.median(ratios),
-                    "ratio_range": [min(ratios), max(ratios)],
-                    "cpu_ratio": statistics.median(s["cpu_ratio"] for _, s in rounds),
-                    "errors": sum(s["errors"] for _, s in rounds),
-                    "mean_batch": mean_batch,
-                })
+                rows.append(
+                    {
+                        "clients": clients,
+                        "raw": statistics.median(r for r, _ in rounds),
+                        "throughput": statistics.median(s["throughput"] for _, s in rounds),
+                        "p50_ms": statistics.median(s["p50_ms"] for _, s in rounds),
+                        "p99_ms": statistics.median(s["p99_ms"] for _, s in rounds),
+                        "ratio": statistics.median(ratios),
+                        "ratio_range": [min(ratios), max(ratios)],
+                        "cpu_ratio": statistics.median(s["cpu_ratio"] for _, s in rounds),
+                        "errors": sum(s["errors"] for _, s in rounds),
+                        "mean_batch": mean_batch,
+                    }
+                )
         finally:
             server.stop(60)
 
     print()
-    print("raw onnxruntime sweep (images/s by batch size): "
-          + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()) + f"; best batch {best_batch}")
-    print(f"raw baseline: batch {best_batch}, {args.threads} intra-op threads, "
-          f"{'spinning' if raw_model.spin_wait else 'sleeping'} idle threads (the faster)")
-    print(f"median of {args.rounds} rounds of {args.duration:g} s; each ratio is service / raw measured in the same round")
-    print("server CPU efficiency: images per CPU-second of the server process against raw onnxruntime's (clients "
-          "excluded); other processes on a shared machine disturb it less than wall-clock throughput")
-    print(f"| clients | raw images/s (batch {best_batch}) | service images/s | p50 ms | p99 ms | ratio to raw (min-max) "
-          "| server CPU efficiency | mean batch | errors |")
+    print(
+        "raw onnxruntime sweep (images/s by batch size): "
+        + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items())
+        + f"; best batch {best_batch}"
+    )
+    print(
+        f"raw baseline: batch {best_batch}, {args.threads} intra-op threads, "
+        f"{'spinning' if raw_model.spin_wait else 'sleeping'} idle threads (the faster)"
+    )
+    print(
+        f"median of {args.rounds} rounds of {args.duration:g} s; each ratio is service / raw measured in the same round"
+    )
+    print(
+        "server CPU efficiency: images per CPU-second of the server process against raw onnxruntime's (clients "
+        "excluded); other processes on a shared machine disturb it less than wall-clock throughput"
+    )
+    print(
+        f"| clients | raw images/s (batch {best_batch}) | service images/s | p50 ms | p99 ms | ratio to raw (min-max) "
+        "| server CPU efficiency | mean batch | errors |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['clients']} | {row['raw']:.1f} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
-              f"{row['p99_ms']:.2f} | {row['ratio']:.2f} ({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) "
-              f"| {row['cpu_ratio']:.2f} | {row['mean_batch']:.1f} | {row['errors']} |")
+        print(
+            f"| {row['clients']} | {row['raw']:.1f} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
+            f"{row['p99_ms']:.2f} | {row['ratio']:.2f} ({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) "
+            f"| {row['cpu_ratio']:.2f} | {row['mean_batch']:.1f} | {row['errors']} |"
+        )
     print("\nCPU only (onnxruntime CPUExecutionProvider); a CUDA run needs a GPU machine.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model, "version": version, "threads": args.threads,
-                                               "raw_sweep": sweep, "best_batch": best_batch, "service": rows},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "model": model,
+                    "version": version,
+                    "threads": args.threads,
+                    "raw_sweep": sweep,
+                    "best_batch": best_batch,
+                    "service": rows,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

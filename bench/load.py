@@ -29,8 +29,15 @@ class Answer:
 
 
 class ClassifyLoad:
-    def __init__(self, address: str, image: bytes, clients: int = 8, model_name: str = "", timeout_s: float = 30.0,
-                 prefix: str = "load"):
+    def __init__(
+        self,
+        address: str,
+        image: bytes,
+        clients: int = 8,
+        model_name: str = "",
+        timeout_s: float = 30.0,
+        prefix: str = "load",
+    ):
         self.address, self.image, self.clients = address, image, clients
         self.model_name, self.timeout_s, self.prefix = model_name, timeout_s, prefix
         self.answers: list[Answer] = []
@@ -83,7 +90,9 @@ class ClassifyLoad:
             if got >= count:
                 return
             time.sleep(0.02)
-        raise TimeoutError(f"only {got} answers{f' with {code}' if code else ''} after {timeout:.0f} s (wanted {count})")
+        raise TimeoutError(
+            f"only {got} answers{f' with {code}' if code else ''} after {timeout:.0f} s (wanted {count})"
+        )
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
@@ -101,6 +110,10 @@ class ClassifyLoad:
             answered = Counter(a.request_id for a in self.answers)
             mismatched = sum(1 for a in self.answers if a.code == "OK" and a.answered_id != a.request_id)
             sent = list(self.sent)
-        return {"sent": len(sent), "answered": sum(answered.values()),
-                "lost": sum(1 for rid in sent if rid not in answered),
-                "duplicated": sum(n - 1 for n in answered.values() if n > 1), "mismatched": mismatched}
+        return {
+            "sent": len(sent),
+            "answered": sum(answered.values()),
+            "lost": sum(1 for rid in sent if rid not in answered),
+            "duplicated": sum(n - 1 for n in answered.values() if n > 1),
+            "mismatched": mismatched,
+        }

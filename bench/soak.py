@@ -59,7 +59,9 @@ def gateway_log_duplicates(gateway: ServiceProcess) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repository", help="model repository (default: ./model_repository, else a small one trained now)")
+    parser.add_argument(
+        "--repository", help="model repository (default: ./model_repository, else a small one trained now)"
+    )
     parser.add_argument("--model", default="custom_cnn")
     parser.add_argument("--image", help="image file to send (default: the shared data's CR-MONO1-10-chest.dcm)")
     parser.add_argument("--clients", type=int, default=16)
@@ -74,11 +76,42 @@ def main() -> int:
     data_dir = Path(os.environ.get("CXR_DICOM_DATA", ROOT.parent / "shared" / "data" / "dicom"))
     image = Path(args.image) if args.image else data_dir / "CR-MONO1-10-chest.dcm"
     env = {"OMP_NUM_THREADS": "1"}
-    inference = start_service("inference", ["--repository", str(repository), "--port", "0", "--metrics-port", "0",
-                                            "--model-control", "explicit", "--load-model", args.model,
-                                            "--intra-op-threads", "1"], work, env=env)
-    gateway = start_service("gateway", ["--inference", inference.address, "--port", "0", "--metrics-port", "0",
-                                        "--host", "127.0.0.1", "--default-model", args.model], work, env=env)
+    inference = start_service(
+        "inference",
+        [
+            "--repository",
+            str(repository),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--model-control",
+            "explicit",
+            "--load-model",
+            args.model,
+            "--intra-op-threads",
+            "1",
+        ],
+        work,
+        env=env,
+    )
+    gateway = start_service(
+        "gateway",
+        [
+            "--inference",
+            inference.address,
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--default-model",
+            args.model,
+        ],
+        work,
+        env=env,
+    )
     services = {"inference": inference, "gateway": gateway}
     try:
         warm = ClassifyLoad(gateway.address, image.read_bytes(), clients=min(4, args.clients), prefix="warm").start()
@@ -92,15 +125,21 @@ def main() -> int:
         end = started + args.minutes * 60
         windows = []
         mark = 0
-        print(f"soak: {args.clients} clients for {args.minutes:g} min through the gateway, model {args.model}, "
-              f"image {image.name}; windows of {args.window:g} s", flush=True)
+        print(
+            f"soak: {args.clients} clients for {args.minutes:g} min through the gateway, model {args.model}, "
+            f"image {image.name}; windows of {args.window:g} s",
+            flush=True,
+        )
         while time.monotonic() < end:
             time.sleep(min(args.window, max(0.0, end - time.monotonic())))
             now, upto = time.monotonic(), load.mark()
             span = now - (started + args.window * len(windows))
             codes = load.codes(mark, upto)
-            window = {"t_s": round(now - started, 1), "throughput": round((upto - mark) / span, 1),
-                      "errors": {c: n for c, n in codes.items() if c != "OK"}}
+            window = {
+                "t_s": round(now - started, 1),
+                "throughput": round((upto - mark) / span, 1),
+                "errors": {c: n for c, n in codes.items() if c != "OK"},
+            }
             windows.append(window)
             print(json.dumps(window), flush=True)
             mark = upto
@@ -113,18 +152,27 @@ def main() -> int:
         integrity["duplicated_in_gateway_log"] = gateway_log_duplicates(gateway)
         growth = {name: (rss_end[name] - rss_start[name]) / rss_start[name] for name in services}
         summary = {
-            "clients": args.clients, "minutes": round(elapsed / 60, 2), "model": args.model, "image": image.name,
-            "answered": integrity["answered"], "throughput": round(integrity["answered"] / elapsed, 1),
-            "errors_by_code": {c: n for c, n in codes.items() if c != "OK"}, **integrity,
+            "clients": args.clients,
+            "minutes": round(elapsed / 60, 2),
+            "model": args.model,
+            "image": image.name,
+            "answered": integrity["answered"],
+            "throughput": round(integrity["answered"] / elapsed, 1),
+            "errors_by_code": {c: n for c, n in codes.items() if c != "OK"},
+            **integrity,
             "rss_mib_start": {k: round(v, 1) for k, v in rss_start.items()},
             "rss_mib_end": {k: round(v, 1) for k, v in rss_end.items()},
             "rss_growth_pct": {k: round(100 * v, 2) for k, v in growth.items()},
-            "cpus": os.cpu_count(), "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
         }
         print(json.dumps(summary, indent=2), flush=True)
-        ok = (not summary["errors_by_code"] and integrity["lost"] == integrity["duplicated"] == 0
-              and integrity["mismatched"] == integrity["duplicated_in_gateway_log"] == 0
-              and all(g < RSS_GROWTH_LIMIT for g in growth.values()))
+        ok = (
+            not summary["errors_by_code"]
+            and integrity["lost"] == integrity["duplicated"] == 0
+            and integrity["mismatched"] == integrity["duplicated_in_gateway_log"] == 0
+            and all(g < RSS_GROWTH_LIMIT for g in growth.values())
+        )
         print("goals (0 errors, 0 lost/duplicated/mismatched, RSS growth < 10%):", "met" if ok else "NOT met")
         return 0 if ok or not args.check else 1
     finally:

@@ -23,7 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("CXR_RAW_DATA", str(ROOT.parent / "shared" / "data" / "cxr-raw")))
+    parser.add_argument(
+        "--data", default=os.environ.get("CXR_RAW_DATA", str(ROOT.parent / "shared" / "data" / "cxr-raw"))
+    )
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -54,6 +56,7 @@ def main() -> int:
     eval_ips: dict[str, list[float]] = {a: [] for a in models}
     for _ in range(args.rounds):
         for arch, (model, opt) in models.items():
+
             def step(model=model, opt=opt):  # bound now: the loop rebinds both
                 idx = torch.randint(0, len(y_all), (args.batch_size,), generator=gen)
                 loss = F.cross_entropy(model(augment(x_all[idx], cfg, gen)), y_all[idx])
@@ -73,8 +76,10 @@ def main() -> int:
                 model(x_all[: args.batch_size * 2])
                 eval_ips[arch].append(2 * args.batch_size / (time.perf_counter() - t))
     base = statistics.median(train_ips["custom_cnn"])
-    print(f"training throughput, image size {args.image_size}, batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.rounds} rounds (CPU: {os.cpu_count()} cores visible)")
+    print(
+        f"training throughput, image size {args.image_size}, batch {args.batch_size}, {args.threads} threads, "
+        f"median of {args.rounds} rounds (CPU: {os.cpu_count()} cores visible)"
+    )
     print("| Architecture | Train images/s | Ratio to custom_cnn | Eval images/s |")
     print("|---|---|---|---|")
     for arch in models:

@@ -30,7 +30,9 @@ def _module_for(argv: list[str]) -> str | None:
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray classification over gRPC. Not for clinical use.")
+    parser = argparse.ArgumentParser(
+        prog="cxr", description="Chest X-ray classification over gRPC. Not for clinical use."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)

@@ -98,8 +98,10 @@ def config_dims(onnx_shape: Sequence, max_batch_size: int, tensor: str) -> list[
     dims = [d if isinstance(d, int) and d > 0 else -1 for d in onnx_shape]
     if max_batch_size > 0:
         if not dims or dims[0] != -1:
-            raise TensorError(f"tensor {tensor!r} has shape {list(onnx_shape)}: max_batch_size {max_batch_size} > 0 "
-                              "needs a dynamic first (batch) axis")
+            raise TensorError(
+                f"tensor {tensor!r} has shape {list(onnx_shape)}: max_batch_size {max_batch_size} > 0 "
+                "needs a dynamic first (batch) axis"
+            )
         dims = dims[1:]
     return dims
 
@@ -108,8 +110,9 @@ def element_count(shape: Sequence[int]) -> int:
     return int(np.prod([int(d) for d in shape], dtype=np.int64))
 
 
-def to_array(datatype: str, shape: Sequence[int], *, raw: bytes | None = None, contents=None,
-             tensor: str = "tensor") -> np.ndarray:
+def to_array(
+    datatype: str, shape: Sequence[int], *, raw: bytes | None = None, contents=None, tensor: str = "tensor"
+) -> np.ndarray:
     """One tensor as an array: from its raw bytes (`raw`, little-endian, BYTES length-prefixed) or, without them,
     from its typed `contents` (an InferTensorContents). Every count and range is checked against `shape`."""
     kind = by_name(datatype)
@@ -124,15 +127,18 @@ def to_array(datatype: str, shape: Sequence[int], *, raw: bytes | None = None, c
             raise TensorError(f"{tensor}: datatype {kind.name} cannot be decoded here")
         expected = count * kind.dtype.itemsize
         if len(raw) != expected:
-            raise TensorError(f"{tensor}: expected {expected} bytes for {kind.name} {format_shape(shape)}, "
-                              f"received {len(raw)} bytes")
+            raise TensorError(
+                f"{tensor}: expected {expected} bytes for {kind.name} {format_shape(shape)}, received {len(raw)} bytes"
+            )
         return np.frombuffer(raw, dtype=kind.dtype).reshape(shape)
     if kind.contents is None:
         raise TensorError(f"{tensor}: {kind.name} has no typed contents field; send it in raw contents")
     values = getattr(contents, kind.contents) if contents is not None else []
     if len(values) != count:
-        raise TensorError(f"{tensor}: expected {count} values in contents.{kind.contents} for {kind.name} "
-                          f"{format_shape(shape)}, received {len(values)}")
+        raise TensorError(
+            f"{tensor}: expected {count} values in contents.{kind.contents} for {kind.name} "
+            f"{format_shape(shape)}, received {len(values)}"
+        )
     if kind.name == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = list(values)
@@ -168,7 +174,7 @@ def _parse_bytes(raw: bytes, count: int, tensor: str) -> np.ndarray:
         offset += 4
         if offset + length > len(raw):
             raise TensorError(f"{tensor}: BYTES element {i} claims {length} bytes, {len(raw) - offset} remain")
-        out[i] = raw[offset:offset + length]
+        out[i] = raw[offset : offset + length]
         offset += length
     if offset != len(raw):
         raise TensorError(f"{tensor}: {len(raw) - offset} bytes left over after {count} BYTES elements")

@@ -66,7 +66,10 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     _check_header(ds, limits)
     transfer_syntax = ds.file_meta.TransferSyntaxUID
     if not transfer_syntax.is_transfer_syntax:
-        raise ImageError("unsupported_transfer_syntax", f"DICOM TransferSyntaxUID {str(transfer_syntax)[:64]!r} is not a known transfer syntax")
+        raise ImageError(
+            "unsupported_transfer_syntax",
+            f"DICOM TransferSyntaxUID {str(transfer_syntax)[:64]!r} is not a known transfer syntax",
+        )
     strict = None
     if transfer_syntax.is_compressed:
         frame = _check_codestream(ds, limits)
@@ -95,7 +98,9 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     try:
         arr = apply_modality_lut(arr, ds).astype(np.float64)
     except Exception as exc:
-        raise ImageError("corrupt", f"cannot apply the DICOM rescale (RescaleSlope/RescaleIntercept/LUT): {_short(exc)}") from None
+        raise ImageError(
+            "corrupt", f"cannot apply the DICOM rescale (RescaleSlope/RescaleIntercept/LUT): {_short(exc)}"
+        ) from None
     if "VOILUTSequence" in ds or "WindowCenter" in ds:
         try:
             windowed = apply_voi_lut(arr, ds).astype(np.float64)
@@ -107,7 +112,9 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
         else:
             notices.append("DICOM window unusable: ignored, full pixel range used")
     if not _finite(arr):
-        raise ImageError("corrupt", "DICOM rescale produced non-finite pixel values (check RescaleSlope/RescaleIntercept)")
+        raise ImageError(
+            "corrupt", "DICOM rescale produced non-finite pixel values (check RescaleSlope/RescaleIntercept)"
+        )
     pixels = _to_uint8(arr, float(arr.min()), float(arr.max()))
     if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
         pixels = 255 - pixels
@@ -155,7 +162,9 @@ def _check_header(ds, limits: ImageLimits) -> None:
     ds.PhotometricInterpretation = photometric
     frames = _int(ds, "NumberOfFrames", 1) if ds.get("NumberOfFrames") not in (None, "") else 1
     if frames != 1:
-        raise ImageError("multi_frame", f"multi-frame DICOM ({frames} frames) is not supported: send one frame per request")
+        raise ImageError(
+            "multi_frame", f"multi-frame DICOM ({frames} frames) is not supported: send one frame per request"
+        )
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if rows <= 0 or cols <= 0:
         raise ImageError("corrupt", f"DICOM image size {cols}x{rows} is invalid")
@@ -177,7 +186,10 @@ def _check_native_length(ds) -> None:
     expected = rows * cols * bits // 8
     actual = len(ds.PixelData)
     if actual < expected:
-        raise ImageError("truncated", f"DICOM pixel data is truncated: {actual} bytes for a {cols}x{rows} {bits}-bit image needing {expected}")
+        raise ImageError(
+            "truncated",
+            f"DICOM pixel data is truncated: {actual} bytes for a {cols}x{rows} {bits}-bit image needing {expected}",
+        )
 
 
 def _check_codestream(ds, limits: ImageLimits) -> bytes:
@@ -196,7 +208,9 @@ def _check_codestream(ds, limits: ImageLimits) -> bytes:
     except Exception:
         available = False
     if not available:
-        raise ImageError("unsupported_transfer_syntax", f"DICOM transfer syntax {uid} ({uid.name}) cannot be decoded here")
+        raise ImageError(
+            "unsupported_transfer_syntax", f"DICOM transfer syntax {uid} ({uid.name}) cannot be decoded here"
+        )
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     except StopIteration:
@@ -216,7 +230,9 @@ def _check_codestream(ds, limits: ImageLimits) -> bytes:
     width, height = size
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if width * height > limits.max_pixels:
-        raise ImageError("too_many_pixels", f"DICOM codestream is {width}x{height}; the limit is {limits.max_pixels} pixels")
+        raise ImageError(
+            "too_many_pixels", f"DICOM codestream is {width}x{height}; the limit is {limits.max_pixels} pixels"
+        )
     if (width, height) != (cols, rows):
         raise ImageError("corrupt", f"DICOM codestream is {width}x{height} but the header says {cols}x{rows}")
     return frame

@@ -57,7 +57,7 @@ class DecodedImage:
 
 
 def detect_format(data: bytes) -> str:
-    """"png", "jpeg" or "dicom" from the first bytes (DICOM with or without the 128-byte preamble)."""
+    """ "png", "jpeg" or "dicom" from the first bytes (DICOM with or without the 128-byte preamble)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png"
     if data[:3] == b"\xff\xd8\xff":
@@ -98,7 +98,9 @@ def _read_raster(data: bytes, fmt: str, limits: ImageLimits) -> DecodedImage:
         img = Image.open(io.BytesIO(data), formats=[fmt.upper()])
         # the header gives the size: refuse bombs before decompressing anything
         if img.width * img.height > limits.max_pixels:
-            raise ImageError("too_many_pixels", f"image is {img.width}x{img.height}; the limit is {limits.max_pixels} pixels")
+            raise ImageError(
+                "too_many_pixels", f"image is {img.width}x{img.height}; the limit is {limits.max_pixels} pixels"
+            )
         if img.width < 1 or img.height < 1:
             raise ImageError("corrupt", f"image size {img.width}x{img.height} is invalid")
         check_min_size(img.width, img.height, limits)
@@ -112,7 +114,9 @@ def _read_raster(data: bytes, fmt: str, limits: ImageLimits) -> DecodedImage:
     except Image.DecompressionBombError as exc:
         raise ImageError("too_many_pixels", f"image refused as a decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError("corrupt", f"the bytes are not a readable {fmt.upper()} image (wrong header or format)") from None
+        raise ImageError(
+            "corrupt", f"the bytes are not a readable {fmt.upper()} image (wrong header or format)"
+        ) from None
     except Exception as exc:  # PIL raises many types for truncated or corrupt files
         text = " ".join(str(exc).split())[:200] or type(exc).__name__
         reason = "truncated" if "truncat" in text.lower() else "corrupt"
@@ -133,7 +137,9 @@ def _read_raster(data: bytes, fmt: str, limits: ImageLimits) -> DecodedImage:
 
 def check_min_size(width: int, height: int, limits: ImageLimits) -> None:
     if min(width, height) < limits.min_side:
-        raise ImageError("too_small", f"image is {width}x{height}; at least {limits.min_side} pixels per side are needed")
+        raise ImageError(
+            "too_small", f"image is {width}x{height}; at least {limits.min_side} pixels per side are needed"
+        )
 
 
 def strict_jpeg(data: bytes, mode: str = "L") -> np.ndarray | None:

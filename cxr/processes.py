@@ -65,8 +65,9 @@ class ServiceProcess:
             self.process.wait(5)
 
 
-def start_service(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
-                  timeout: float = 300.0) -> ServiceProcess:
+def start_service(
+    name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None, timeout: float = 300.0
+) -> ServiceProcess:
     """Run `python -m cxr serve NAME ARGV... --port-file F`; return once F names its ports (models warmed up).
 
     `env` is added to this process's environment. On failure the child is killed and the error quotes its log.
@@ -78,7 +79,9 @@ def start_service(name: str, argv: list[str], workdir: Path, env: dict[str, str]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "cxr", "serve", name, *argv, "--port-file", str(port_file)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     deadline = time.monotonic() + timeout
@@ -87,7 +90,9 @@ def start_service(name: str, argv: list[str], workdir: Path, env: dict[str, str]
             raise RuntimeError(f"`cxr serve {name}` exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
         if time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"`cxr serve {name}` did not start within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+            raise RuntimeError(
+                f"`cxr serve {name}` did not start within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}"
+            )
         time.sleep(0.1)
     port, metrics_port, *more = (int(v) for v in port_file.read_text().split())
     return ServiceProcess(name, process, port, metrics_port, log_path, http_port=more[0] if more else -1)

@@ -35,6 +35,7 @@ MODEL_FILENAME = "model.onnx"
 DEFAULT_MAX_QUEUE_DELAY_US = 500
 DEFAULT_MAX_QUEUE_SIZE = 256
 
+
 class RepositoryError(ValueError):
     """The repository (or one model in it) does not have the expected layout or content."""
 
@@ -133,7 +134,7 @@ def select_versions(config: ModelConfig, available: Iterable[int]) -> list[int]:
         wanted = set(policy.specific.versions)
         return [v for v in available if v in wanted]
     num = policy.latest.num_versions if choice == "latest" else 1
-    return available[-max(num, 1):] if available else []
+    return available[-max(num, 1) :] if available else []
 
 
 def write_model(
@@ -191,8 +192,14 @@ def write_model(
     try:
         shutil.copyfile(onnx_path, staging / MODEL_FILENAME)
         card = dict(model_card)
-        card.update({"name": name, "version": version, "model_file": MODEL_FILENAME,
-                     "sha256": sha256_file(staging / MODEL_FILENAME)})
+        card.update(
+            {
+                "name": name,
+                "version": version,
+                "model_file": MODEL_FILENAME,
+                "sha256": sha256_file(staging / MODEL_FILENAME),
+            }
+        )
         (staging / MODEL_CARD_FILENAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
         os.chmod(staging, 0o755)
         os.rename(staging, version_dir)
@@ -220,7 +227,9 @@ def default_config(
     if parameters and parameters.get("cxr.classes"):
         num_classes = len(parameters["cxr.classes"].split(","))
     for meta in session.get_inputs():
-        config.input.add(name=meta.name, data_type=_datatype(meta.type), dims=_dims(meta.shape, max_batch_size, meta.name))
+        config.input.add(
+            name=meta.name, data_type=_datatype(meta.type), dims=_dims(meta.shape, max_batch_size, meta.name)
+        )
     for meta in session.get_outputs():
         dims = _dims(meta.shape, max_batch_size, meta.name)
         out = config.output.add(name=meta.name, data_type=_datatype(meta.type), dims=dims)

@@ -11,7 +11,10 @@ import importlib
 SERVICES = {
     "inference": ("services.inference.cli", "KServe v2 / Triton-compatible gRPC inference over onnxruntime"),
     "gateway": ("services.gateway.cli", "the cxr.v1 gRPC API for PACS integrations"),
-    "dicom": ("services.dicom.cli", "DICOM node: C-STORE SCP, classifies through the gateway, returns SR + SC to the PACS"),
+    "dicom": (
+        "services.dicom.cli",
+        "DICOM node: C-STORE SCP, classifies through the gateway, returns SR + SC to the PACS",
+    ),
 }
 
 

@@ -56,7 +56,9 @@ def trained_repository(cxr_raw_dir, tmp_path_factory) -> Path:
     ensemble 1 (custom_cnn v1 + mobilenet + resnet50). See training/testing.py. About 1-2 minutes of CPU."""
     import importlib.util
 
-    require(importlib.util.find_spec("torch") is not None, "torch (the [train] extra) is needed to build the test models")
+    require(
+        importlib.util.find_spec("torch") is not None, "torch (the [train] extra) is needed to build the test models"
+    )
     from training.testing import build_test_repository
 
     return build_test_repository(cxr_raw_dir, tmp_path_factory.mktemp("trained"))
@@ -78,6 +80,7 @@ def toy_repository(toy_onnx, tmp_path_factory) -> Path:
     from tests import toy_model
 
     repo = tmp_path_factory.mktemp("toy_repository")
-    repository.write_model(repo, "toy", toy_onnx, classes=toy_model.CLASSES, image_size=toy_model.SIZE,
-                           model_card={"architecture": "toy"})
+    repository.write_model(
+        repo, "toy", toy_onnx, classes=toy_model.CLASSES, image_size=toy_model.SIZE, model_card={"architecture": "toy"}
+    )
     return repo

@@ -24,11 +24,7 @@ GENERATED = ROOT / "cxr" / "generated"
 
 
 def _tree(folder: Path) -> dict[str, Path]:
-    return {
-        str(p.relative_to(folder)): p
-        for p in folder.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    }
+    return {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
 def test_generated_code_is_fresh(tmp_path):
@@ -109,8 +105,10 @@ def test_inference_protocol_matches_triton_field_for_field():
             if t is None:
                 problems.append(f"{name}.{f.name} is not a Triton field")
             elif (f.number, f.type, f.label, f.type_name) != (t.number, t.type, t.label, t.type_name):
-                problems.append(f"{name}.{f.name}: ours {(f.number, f.type, f.label, f.type_name)} "
-                                f"vs Triton {(t.number, t.type, t.label, t.type_name)}")
+                problems.append(
+                    f"{name}.{f.name}: ours {(f.number, f.type, f.label, f.type_name)} "
+                    f"vs Triton {(t.number, t.type, t.label, t.type_name)}"
+                )
     for name, enum in our_enums.items():
         theirs_values = {v.name: v.number for v in their_enums.get(name, enum).value}
         for v in enum.value:
@@ -122,14 +120,26 @@ def test_inference_protocol_matches_triton_field_for_field():
     for m in our_svcs[service].method:
         t = their_methods.get(m.name)
         if t is None or (m.input_type, m.output_type, m.client_streaming, m.server_streaming) != (
-            t.input_type, t.output_type, t.client_streaming, t.server_streaming
+            t.input_type,
+            t.output_type,
+            t.client_streaming,
+            t.server_streaming,
         ):
             problems.append(f"rpc {m.name} differs from Triton's")
     assert not problems, "\n".join(problems)
     # The RPCs the issue asks for are all there.
     assert {m.name for m in our_svcs[service].method} >= {
-        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-        "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelStreamInfer",
+        "ModelConfig",
+        "ModelStatistics",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
         "RepositoryModelUnload",
     }
 

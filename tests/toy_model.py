@@ -33,8 +33,9 @@ def build(path: Path, *, size: int = SIZE, classes: int = len(CLASSES), seed: in
     nodes = [
         helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["pixels", "scale"], ["scaled"]),
-        helper.make_node("AveragePool", ["scaled"], ["pooled"], kernel_shape=[size // cells] * 2,
-                         strides=[size // cells] * 2),
+        helper.make_node(
+            "AveragePool", ["scaled"], ["pooled"], kernel_shape=[size // cells] * 2, strides=[size // cells] * 2
+        ),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "weights", "bias"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
@@ -42,11 +43,14 @@ def build(path: Path, *, size: int = SIZE, classes: int = len(CLASSES), seed: in
         helper.make_node("Reshape", ["cam_flat", "cam_shape"], ["cam"]),
     ]
     graph = helper.make_graph(
-        nodes, "toy_classifier",
+        nodes,
+        "toy_classifier",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, size, size])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
-         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-         helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", classes, 2, 2])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", classes, 2, 2]),
+        ],
         initializer=[weights, bias, cam_weights, scale, cam_shape],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="cxr-tests")

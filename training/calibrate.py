@@ -43,11 +43,17 @@ class Calibration:
         """Raises FileNotFoundError (saying which command makes it) when the folder was never evaluated."""
         path = Path(folder) / CALIBRATION_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `cxr evaluate {folder}` first (it fits the temperature, "
-                                    "the operating point and the input gate on the validation split)")
+            raise FileNotFoundError(
+                f"{path} not found: run `cxr evaluate {folder}` first (it fits the temperature, "
+                "the operating point and the input gate on the validation split)"
+            )
         fields = json.loads(path.read_text())
-        return cls(temperature=fields.get("temperature"), operating_point=fields.get("operating_point") or {},
-                   input_gate=fields.get("input_gate"), members=fields.get("members"))
+        return cls(
+            temperature=fields.get("temperature"),
+            operating_point=fields.get("operating_point") or {},
+            input_gate=fields.get("input_gate"),
+            members=fields.get("members"),
+        )
 
     @staticmethod
     def gate_arrays(folder: Path) -> dict[str, np.ndarray]:
@@ -73,37 +79,51 @@ def fit_run(run_dir: Path, data_dir: str | None = None, target_accuracy: float |
         cfg.data = str(data_dir)
     train_set, val = prepare_split(cfg, run_dir)
     if len(val.labels) == 0:
-        raise FileNotFoundError(f"none of {run_dir}'s validation images could be read under {cfg.data}: "
-                                "if the data moved, pass --data DIR")
+        raise FileNotFoundError(
+            f"none of {run_dir}'s validation images could be read under {cfg.data}: if the data moved, pass --data DIR"
+        )
     logits, val_features = ood.forward_features(model, val.images)
     _, train_features = ood.forward_features(model, train_set.images)
     temperature = fit_temperature(logits, val.labels)
-    point = op.fit_operating_point(softmax(logits.astype(np.float64), temperature), val.labels,
-                                   op.TARGET_ACCURACY if target_accuracy is None else target_accuracy)
+    point = op.fit_operating_point(
+        softmax(logits.astype(np.float64), temperature),
+        val.labels,
+        op.TARGET_ACCURACY if target_accuracy is None else target_accuracy,
+    )
     gate, val_scores = ood.fit_gate(train_features, train_set.labels, val_features, len(cfg.classes))
-    summary = {"method": ood.METHOD,
-               "features": f"spatial mean (and std, up to {ood.STD_MAX_CHANNELS} channels) of the outputs of the deeper "
-                           f"half of the backbone's blocks: {len(val_features)} blocks, "
-                           f"{sum(f.shape[1] for f in val_features)} features",
-               "fitted_on": "class means and shared covariance (Ledoit-Wolf shrinkage) on the training split; per-block "
-                            "medians and the threshold on the validation split",
-               "acceptance_target": ood.ACCEPTANCE, "raw_threshold": gate.threshold, "threshold": 1.0,
-               "val_refused": ood.refused_share(val_scores, 1.0),
-               "train_images": int(len(train_set.labels)), "val_images": int(len(val.labels)),
-               "score_units": "multiples of raw_threshold: the exported ood_score is divided by it, so 1.0 is the gate"}
+    summary = {
+        "method": ood.METHOD,
+        "features": f"spatial mean (and std, up to {ood.STD_MAX_CHANNELS} channels) of the outputs of the deeper "
+        f"half of the backbone's blocks: {len(val_features)} blocks, "
+        f"{sum(f.shape[1] for f in val_features)} features",
+        "fitted_on": "class means and shared covariance (Ledoit-Wolf shrinkage) on the training split; per-block "
+        "medians and the threshold on the validation split",
+        "acceptance_target": ood.ACCEPTANCE,
+        "raw_threshold": gate.threshold,
+        "threshold": 1.0,
+        "val_refused": ood.refused_share(val_scores, 1.0),
+        "train_images": int(len(train_set.labels)),
+        "val_images": int(len(val.labels)),
+        "score_units": "multiples of raw_threshold: the exported ood_score is divided by it, so 1.0 is the gate",
+    }
     calibration = Calibration(temperature=temperature, operating_point=point, input_gate=summary)
-    calibration.save(run_dir, {**gate.arrays(), "val_scores": val_scores,
-                               "val_files": np.array([s.file for s in val.samples])})
+    calibration.save(
+        run_dir, {**gate.arrays(), "val_scores": val_scores, "val_files": np.array([s.file for s in val.samples])}
+    )
     return calibration, logits, val, cfg
 
 
-def fit_ensemble(run_dirs: list[Path], out_dir: Path, probs: np.ndarray, val, target_accuracy: float | None = None) -> Calibration:
+def fit_ensemble(
+    run_dirs: list[Path], out_dir: Path, probs: np.ndarray, val, target_accuracy: float | None = None
+) -> Calibration:
     """An ensemble's own fit, saved in `out_dir`: the operating point on its mean probabilities, and the threshold of
     its score, the largest of its members' scores (each already in units of the member's own threshold)."""
     from training import ood
     from training import operating_point as op
 
-    point = op.fit_operating_point(probs, val.labels, op.TARGET_ACCURACY if target_accuracy is None else target_accuracy)
+    point = op.fit_operating_point(
+        probs, val.labels, op.TARGET_ACCURACY if target_accuracy is None else target_accuracy
+    )
     files = [s.file for s in val.samples]
     member_scores = []
     for run_dir in run_dirs:
@@ -112,18 +132,28 @@ def fit_ensemble(run_dirs: list[Path], out_dir: Path, probs: np.ndarray, val, ta
             break
         arrays = Calibration.gate_arrays(run_dir)
         if [str(f) for f in arrays["val_files"]] != files:
-            raise ValueError(f"{run_dir}'s input gate was fitted on other validation images: run `cxr evaluate` on it again")
+            raise ValueError(
+                f"{run_dir}'s input gate was fitted on other validation images: run `cxr evaluate` on it again"
+            )
         member_scores.append(arrays["val_scores"])
     gate = None
     if member_scores:
         combined = np.max(member_scores, axis=0)
         threshold = ood.fit_threshold(combined)
-        gate = {"method": f"max over the members of their {ood.METHOD} ood_score (each in units of its own threshold)",
-                "fitted_on": "the threshold of the maximum on the validation split", "acceptance_target": ood.ACCEPTANCE,
-                "raw_threshold": threshold, "threshold": 1.0, "val_refused": ood.refused_share(combined, threshold),
-                "val_images": int(len(files)), "members": [str(r) for r in run_dirs],
-                "score_units": "multiples of raw_threshold: the exported ood_score is divided by it, so 1.0 is the gate"}
-    calibration = Calibration(temperature=None, operating_point=point, input_gate=gate, members=[str(r) for r in run_dirs])
+        gate = {
+            "method": f"max over the members of their {ood.METHOD} ood_score (each in units of its own threshold)",
+            "fitted_on": "the threshold of the maximum on the validation split",
+            "acceptance_target": ood.ACCEPTANCE,
+            "raw_threshold": threshold,
+            "threshold": 1.0,
+            "val_refused": ood.refused_share(combined, threshold),
+            "val_images": int(len(files)),
+            "members": [str(r) for r in run_dirs],
+            "score_units": "multiples of raw_threshold: the exported ood_score is divided by it, so 1.0 is the gate",
+        }
+    calibration = Calibration(
+        temperature=None, operating_point=point, input_gate=gate, members=[str(r) for r in run_dirs]
+    )
     calibration.save(out_dir)
     return calibration
 
@@ -147,8 +177,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return 1.0
     lo, hi = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
-    result = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=(lo, hi),
-                             method="bounded", options={"xatol": 1e-6})
+    result = minimize_scalar(
+        lambda log_t: nll(logits, labels, float(np.exp(log_t))),
+        bounds=(lo, hi),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
     return float(np.exp(result.x))
 
 
@@ -167,13 +201,18 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-def reliability_curve(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability_curve(
+    probs: np.ndarray, labels: np.ndarray, bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean confidence, accuracy, count) per non-empty bin, for the reliability diagram."""
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     edges = np.linspace(0, 1, bins + 1)
-    rows = [(conf[m].mean(), correct[m].mean(), m.sum()) for lo, hi in zip(edges[:-1], edges[1:])
-            if (m := (conf > lo) & (conf <= hi)).any()]
+    rows = [
+        (conf[m].mean(), correct[m].mean(), m.sum())
+        for lo, hi in zip(edges[:-1], edges[1:])
+        if (m := (conf > lo) & (conf <= hi)).any()
+    ]
     arr = np.array(rows) if rows else np.zeros((0, 3))
     return arr[:, 0], arr[:, 1], arr[:, 2]
 

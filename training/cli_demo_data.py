@@ -9,7 +9,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to create (ImageFolder layout + manifest.csv)")
     parser.add_argument("--per-class", type=int, default=60, help="images per class")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--classes", default=None, help="comma-separated class names (default: Normal,Lung_Opacity,Viral Pneumonia)")
+    parser.add_argument(
+        "--classes", default=None, help="comma-separated class names (default: Normal,Lung_Opacity,Viral Pneumonia)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -29,23 +29,60 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-ra
 PREFERRED_MODELS = ("ensemble", "efficientnet_lite0")
 ADULT_VIRAL = "cxr-adult-viral"  # the folder beside cxr-raw that adds adult viral pneumonia
 # the recipe of the served efficientnet_lite0 (README "Training and results"), shortened for a demo
-PRETRAINED_RECIPE = ("--weights", "imagenet", "--frozen-epochs", "1", "--fine-tune-layers", "6", "--cache-views", "1",
-                     "--backbone-lr", "3e-4", "--gamma", "0.3", "--equalize", "0.1", "--crop", "0.15", "--noise", "0.03",
-                     "--blur", "0.3")
+PRETRAINED_RECIPE = (
+    "--weights",
+    "imagenet",
+    "--frozen-epochs",
+    "1",
+    "--fine-tune-layers",
+    "6",
+    "--cache-views",
+    "1",
+    "--backbone-lr",
+    "3e-4",
+    "--gamma",
+    "0.3",
+    "--equalize",
+    "0.1",
+    "--crop",
+    "0.15",
+    "--noise",
+    "0.03",
+    "--blur",
+    "0.3",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repository", default="model_repository", help="model repository to serve (trained into when empty)")
+    parser.add_argument(
+        "--repository", default="model_repository", help="model repository to serve (trained into when empty)"
+    )
     parser.add_argument("--work", default="demo", help="folder for the demo's data, runs and logs")
-    parser.add_argument("--data", default=os.environ.get("CXR_RAW_DATA", str(DEFAULT_DATA)),
-                        help="real radiographs to train the demo model on when present (env CXR_RAW_DATA); else phantoms")
-    parser.add_argument("--synthetic", action="store_true", help="train on generated phantoms even when real data is present")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs for the quick demo model (default: 4 for efficientnet_lite0, 6 for custom_cnn)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="input size of the quick demo model (default: 224 for efficientnet_lite0, 128 for custom_cnn)")
-    parser.add_argument("--default-model", default=None,
-                        help=f"model the gateway serves by default (default: the first of {', '.join(PREFERRED_MODELS)} in the repository)")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("CXR_RAW_DATA", str(DEFAULT_DATA)),
+        help="real radiographs to train the demo model on when present (env CXR_RAW_DATA); else phantoms",
+    )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="train on generated phantoms even when real data is present"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs for the quick demo model (default: 4 for efficientnet_lite0, 6 for custom_cnn)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size of the quick demo model (default: 224 for efficientnet_lite0, 128 for custom_cnn)",
+    )
+    parser.add_argument(
+        "--default-model",
+        default=None,
+        help=f"model the gateway serves by default (default: the first of {', '.join(PREFERRED_MODELS)} in the repository)",
+    )
     parser.add_argument("--inference-port", type=int, default=8001)
     parser.add_argument("--inference-metrics-port", type=int, default=8002)
     parser.add_argument("--gateway-port", type=int, default=50051)
@@ -98,13 +135,29 @@ def _train_demo_model(args: argparse.Namespace, repository: Path, work: Path) ->
                 extra += ["--label-policy", "drop_contradicted"]
             if (data.parent / ADULT_VIRAL).is_dir():
                 extra += ["--extra-data", str(data.parent / ADULT_VIRAL)]
-        _step(f"training a quick demo {arch} on the real radiographs in {data}"
-              + (f" and {data.parent / ADULT_VIRAL}" if "--extra-data" in extra else ""))
+        _step(
+            f"training a quick demo {arch} on the real radiographs in {data}"
+            + (f" and {data.parent / ADULT_VIRAL}" if "--extra-data" in extra else "")
+        )
     size = args.image_size or (224 if arch == "efficientnet_lite0" else 128)
     epochs = args.epochs or (4 if arch == "efficientnet_lite0" else 6)
     run_dir = work / "runs" / arch
-    _check(_cxr("train", "--data", str(data), "--arch", arch, "--out", str(run_dir),
-                "--epochs", str(epochs), "--image-size", str(size), *extra))
+    _check(
+        _cxr(
+            "train",
+            "--data",
+            str(data),
+            "--arch",
+            arch,
+            "--out",
+            str(run_dir),
+            "--epochs",
+            str(epochs),
+            "--image-size",
+            str(size),
+            *extra,
+        )
+    )
     _check(_cxr("evaluate", str(run_dir)))  # fits the temperature, operating point and input gate that export packages
     _step(f"exporting to {repository}")
     _check(_cxr("export", str(run_dir), "--repository", str(repository)))
@@ -145,13 +198,32 @@ def run(args: argparse.Namespace) -> int:
 
     _step("starting the inference service and the gateway")
     try:
-        inference = start_service("inference", ["--repository", str(repository), "--port", str(args.inference_port),
-                                                "--metrics-port", str(args.inference_metrics_port),
-                                                "--http-port", str(args.inference_http_port)], work)
+        inference = start_service(
+            "inference",
+            [
+                "--repository",
+                str(repository),
+                "--port",
+                str(args.inference_port),
+                "--metrics-port",
+                str(args.inference_metrics_port),
+                "--http-port",
+                str(args.inference_http_port),
+            ],
+            work,
+        )
     except RuntimeError as exc:
         raise SystemExit(f"demo-stack: {exc}") from None
-    gateway_args = ["--inference", f"localhost:{inference.port}", "--port", str(args.gateway_port),
-                    "--metrics-port", str(args.gateway_metrics_port), "--http-port", str(args.gateway_http_port)]
+    gateway_args = [
+        "--inference",
+        f"localhost:{inference.port}",
+        "--port",
+        str(args.gateway_port),
+        "--metrics-port",
+        str(args.gateway_metrics_port),
+        "--http-port",
+        str(args.gateway_http_port),
+    ]
     default = args.default_model or model or _preferred_model(repository)
     if default != "ensemble":  # the gateway's own default
         gateway_args += ["--default-model", default]
@@ -162,12 +234,15 @@ def run(args: argparse.Namespace) -> int:
         if sample is not None:
             _step(f"classifying {sample.name} through the gateway")
             subprocess.run(_cxr("classify", str(sample), "--server", f"localhost:{args.gateway_port}"))
-        print(f"\nServing. Not for clinical use.\n"
-              f"  gateway (cxr.v1 gRPC):        localhost:{args.gateway_port}   try: cxr classify FILE --server localhost:{args.gateway_port}\n"
-              f"  upload page and JSON API:     http://localhost:{children[-1].http_port}/\n"
-              f"  inference (KServe v2 gRPC):   localhost:{args.inference_port}   REST: http://localhost:{inference.http_port}/v2\n"
-              f"  metrics: http://localhost:{args.gateway_metrics_port}/metrics  http://localhost:{args.inference_metrics_port}/metrics\n"
-              f"  logs: {work}/gateway.log {work}/inference.log", flush=True)
+        print(
+            f"\nServing. Not for clinical use.\n"
+            f"  gateway (cxr.v1 gRPC):        localhost:{args.gateway_port}   try: cxr classify FILE --server localhost:{args.gateway_port}\n"
+            f"  upload page and JSON API:     http://localhost:{children[-1].http_port}/\n"
+            f"  inference (KServe v2 gRPC):   localhost:{args.inference_port}   REST: http://localhost:{inference.http_port}/v2\n"
+            f"  metrics: http://localhost:{args.gateway_metrics_port}/metrics  http://localhost:{args.inference_metrics_port}/metrics\n"
+            f"  logs: {work}/gateway.log {work}/inference.log",
+            flush=True,
+        )
         if not args.once:
             print("Press Ctrl-C to stop.", flush=True)
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C

@@ -8,13 +8,24 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s); a folder from `--arch all` means each run inside it")
-    parser.add_argument("--repository", required=True, help="model repository folder (Triton layout); created if absent")
-    parser.add_argument("--name", default=None, help="model name (default: the architecture; 'ensemble' with --ensemble)")
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run folder(s); a folder from `--arch all` means each run inside it"
+    )
+    parser.add_argument(
+        "--repository", required=True, help="model repository folder (Triton layout); created if absent"
+    )
+    parser.add_argument(
+        "--name", default=None, help="model name (default: the architecture; 'ensemble' with --ensemble)"
+    )
     parser.add_argument("--data", default=None, help="image folder, if it moved since training (for the parity check)")
-    parser.add_argument("--ensemble", action="store_true", help="export the runs as ONE model averaging their probabilities")
-    parser.add_argument("--evaluation", default=None, help="with --ensemble: the folder `cxr evaluate --ensemble` wrote "
-                        "(default: ensemble/ beside the runs)")
+    parser.add_argument(
+        "--ensemble", action="store_true", help="export the runs as ONE model averaging their probabilities"
+    )
+    parser.add_argument(
+        "--evaluation",
+        default=None,
+        help="with --ensemble: the folder `cxr evaluate --ensemble` wrote (default: ensemble/ beside the runs)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

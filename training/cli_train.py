@@ -12,10 +12,16 @@ DEFAULT_ALL = ("custom_cnn", "resnet50", "mobilenet", "efficientnet_lite0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", required=True, choices=(*ARCHITECTURES, "all"),
-                        help=f"network, or 'all' for {', '.join(DEFAULT_ALL)} (one sub-folder each)")
+    parser.add_argument(
+        "--arch",
+        required=True,
+        choices=(*ARCHITECTURES, "all"),
+        help=f"network, or 'all' for {', '.join(DEFAULT_ALL)} (one sub-folder each)",
+    )
     parser.add_argument("--out", required=True, help="run folder (resumed when it holds a previous run)")
-    parser.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if the run folder has last.pt")
+    parser.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="start over even if the run folder has last.pt"
+    )
     add_flags(parser)
 
 
@@ -41,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"cxr train: {arch}: {exc}\ncxr train: {arch} trains FROM SCRATCH instead")
                 weights = "none"
         if arch == "custom_cnn" and weights == "imagenet" and args.arch == "all":
-            print("cxr train: custom_cnn has no ImageNet weights: it trains from scratch, the others start from ImageNet")
+            print(
+                "cxr train: custom_cnn has no ImageNet weights: it trains from scratch, the others start from ImageNet"
+            )
             weights = "none"
         try:
             cfg = TrainConfig(**{**fields, "architecture": arch, "weights": weights})

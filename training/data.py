@@ -28,7 +28,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 SYNTHETIC_MARKER = "SYNTHETIC_DEMO"  # file present in a phantom data set made by `cxr demo-data`
 SPLIT_FILE = "split.csv"
 SPLIT_COLUMNS = ("file", "class", "split", "patient", "source_origin", "dataset", "radiologist")
-RADIOLOGIST_FILE = "radiologist_labels.csv"  # DATA/radiologist_labels.csv: file, rsna_verdict (agrees | contradicts | ...)
+RADIOLOGIST_FILE = (
+    "radiologist_labels.csv"  # DATA/radiologist_labels.csv: file, rsna_verdict (agrees | contradicts | ...)
+)
 CONTRADICTED = "contradicts"
 
 
@@ -115,12 +117,21 @@ def read_radiologist_labels(path: Path) -> dict[str, str]:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"file", "rsna_verdict"} <= set(reader.fieldnames):
-            raise ValueError(f"radiologist labels {path} need columns 'file' and 'rsna_verdict', have {reader.fieldnames}")
+            raise ValueError(
+                f"radiologist labels {path} need columns 'file' and 'rsna_verdict', have {reader.fieldnames}"
+            )
         return {row["file"]: row["rsna_verdict"].strip() for row in reader}
 
 
-def discover(data_dir: Path, classes: list[str], manifest: Path | None = None, max_per_class: int | None = None,
-             radiologist_labels: Path | None = None, dataset: str = "", require_all_classes: bool = True) -> Discovery:
+def discover(
+    data_dir: Path,
+    classes: list[str],
+    manifest: Path | None = None,
+    max_per_class: int | None = None,
+    radiologist_labels: Path | None = None,
+    dataset: str = "",
+    require_all_classes: bool = True,
+) -> Discovery:
     """Find the images of each class. Patients and sources come from the manifest (DATA/manifest.csv when present;
     `source_origin` or `origin`), radiologist verdicts from DATA/radiologist_labels.csv when present.
     dataset: the name recorded for an extra folder (--extra-data), which may lack some classes
@@ -157,13 +168,17 @@ def discover(data_dir: Path, classes: list[str], manifest: Path | None = None, m
             origin = row.get("source_origin") or row.get("origin") or "unknown"
             samples.append(Sample(rel, label, patient, origin, dataset, verdicts.get(rel, "")))
     if not samples:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {data_dir} for classes {classes}")
+        raise FileNotFoundError(
+            f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {data_dir} for classes {classes}"
+        )
     if rows:
         unmatched = sum(1 for s in samples if s.patient.startswith("file:"))
         if unmatched:
             log.warning("%d images are not in manifest %s: each is treated as its own patient", unmatched, manifest)
     synthetic = (data_dir / SYNTHETIC_MARKER).exists()
-    return Discovery(list(classes), samples, manifest=manifest, synthetic=synthetic, radiologist_labels=radiologist_labels)
+    return Discovery(
+        list(classes), samples, manifest=manifest, synthetic=synthetic, radiologist_labels=radiologist_labels
+    )
 
 
 def stratified_patient_split(samples: list[Sample], val_fraction: float = 0.2, seed: int = 0) -> list[str]:
@@ -214,8 +229,16 @@ def read_split(path: Path, classes: list[str]) -> tuple[list[Sample], list[str]]
     index = {c: i for i, c in enumerate(classes)}
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):  # split files written before the dataset/radiologist columns lack them
-            samples.append(Sample(row["file"], index[row["class"]], row["patient"], row["source_origin"],
-                                  row.get("dataset") or "", row.get("radiologist") or ""))
+            samples.append(
+                Sample(
+                    row["file"],
+                    index[row["class"]],
+                    row["patient"],
+                    row["source_origin"],
+                    row.get("dataset") or "",
+                    row.get("radiologist") or "",
+                )
+            )
             split.append(row["split"])
     return samples, split
 
@@ -231,8 +254,9 @@ def data_roots(data: str | Path, extra_data: list[str] | tuple[str, ...] = ()) -
     return roots
 
 
-def load_images(data_dir: Path | dict[str, Path], samples: list[Sample], image_size: int,
-                progress: bool = False) -> tuple[ImageSet, list[Skipped]]:
+def load_images(
+    data_dir: Path | dict[str, Path], samples: list[Sample], image_size: int, progress: bool = False
+) -> tuple[ImageSet, list[Skipped]]:
     """Read and resize every sample with the shared reader; unreadable files are reported and skipped.
     data_dir: the folder, or Sample.dataset -> folder (data_roots) when there are extra folders."""
     from tqdm import tqdm

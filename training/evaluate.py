@@ -29,13 +29,21 @@ def core_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dic
     tp = np.diag(cm).astype(np.float64)
     precision = np.divide(tp, cm.sum(0), out=np.zeros(num_classes), where=cm.sum(0) > 0)
     recall = np.divide(tp, cm.sum(1), out=np.zeros(num_classes), where=cm.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(num_classes), where=(precision + recall) > 0)
-    return {"accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
-            "macro_auc": macro_auc(labels, probs, list(range(num_classes))),
-            "macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()), "macro_f1": float(f1.mean())}
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(num_classes), where=(precision + recall) > 0
+    )
+    return {
+        "accuracy": float((pred == labels).mean()) if len(labels) else float("nan"),
+        "macro_auc": macro_auc(labels, probs, list(range(num_classes))),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+    }
 
 
-def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, num_classes: int, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> dict:
+def bootstrap_ci(
+    labels: np.ndarray, probs: np.ndarray, num_classes: int, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0
+) -> dict:
     """95% percentile intervals over resamples of the validation images."""
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
@@ -49,13 +57,21 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, num_classes: int, rounds
 
 
 CONSISTENT_SUBSET = "consistent_subset"
-CONSISTENT_DEFINITION = ("the validation images whose label no radiologist contradicted (radiologist_labels.csv "
-                         "rsna_verdict != 'contradicts'); the same temperature as the whole split")
+CONSISTENT_DEFINITION = (
+    "the validation images whose label no radiologist contradicted (radiologist_labels.csv "
+    "rsna_verdict != 'contradicts'); the same temperature as the whole split"
+)
 
 
-def evaluate_predictions(labels: np.ndarray, logits: np.ndarray, classes: list[str], sources: list[str],
-                         temperature: float | None = None, probs: np.ndarray | None = None,
-                         contradicted: np.ndarray | None = None) -> dict:
+def evaluate_predictions(
+    labels: np.ndarray,
+    logits: np.ndarray,
+    classes: list[str],
+    sources: list[str],
+    temperature: float | None = None,
+    probs: np.ndarray | None = None,
+    contradicted: np.ndarray | None = None,
+) -> dict:
     """All metrics for one set of predictions, overall and per source. `probs` (calibrated) may be given directly
     (the ensemble's). `contradicted` (bool per image): the same metrics again on the radiologist-consistent subset."""
     raw = C.softmax(logits.astype(np.float64))
@@ -69,8 +85,11 @@ def evaluate_predictions(labels: np.ndarray, logits: np.ndarray, classes: list[s
         metrics["ece_after_cross_fitted"] = C.cross_fitted_ece(logits, labels)
     if contradicted is not None:
         keep = ~np.asarray(contradicted, dtype=bool)
-        metrics[CONSISTENT_SUBSET] = {"definition": CONSISTENT_DEFINITION, "excluded": int((~keep).sum()),
-                                      **_metrics(labels[keep], raw[keep], probs[keep], classes, np.array(sources)[keep])}
+        metrics[CONSISTENT_SUBSET] = {
+            "definition": CONSISTENT_DEFINITION,
+            "excluded": int((~keep).sum()),
+            **_metrics(labels[keep], raw[keep], probs[keep], classes, np.array(sources)[keep]),
+        }
         if temperature is not None and keep.any():
             metrics[CONSISTENT_SUBSET]["ece_after_cross_fitted"] = C.cross_fitted_ece(logits[keep], labels[keep])
     return metrics
@@ -80,27 +99,39 @@ def _metrics(labels: np.ndarray, raw: np.ndarray, probs: np.ndarray, classes: li
     n = len(classes)
     pred = probs.argmax(1)
     per_class_p, per_class_r, per_class_f, support = precision_recall_fscore_support(
-        labels, pred, labels=list(range(n)), zero_division=0)
+        labels, pred, labels=list(range(n)), zero_division=0
+    )
     metrics = core_metrics(labels, probs, n)
-    metrics.update({
-        "n": int(len(labels)),
-        "per_class": {classes[c]: {"precision": float(per_class_p[c]), "recall": float(per_class_r[c]),
-                                   "f1": float(per_class_f[c]), "support": int(support[c]),
-                                   "auc": macro_auc(labels, probs, [c])} for c in range(n)},
-        "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(n))).tolist(),
-        "classification_report": classification_report(labels, pred, labels=list(range(n)), target_names=classes,
-                                                       digits=3, zero_division=0),
-        "ece_before": C.expected_calibration_error(raw, labels),
-        "ece_after": C.expected_calibration_error(probs, labels),
-        "ci95": bootstrap_ci(labels, probs, n),
-        "per_source": {},
-    })
+    metrics.update(
+        {
+            "n": int(len(labels)),
+            "per_class": {
+                classes[c]: {
+                    "precision": float(per_class_p[c]),
+                    "recall": float(per_class_r[c]),
+                    "f1": float(per_class_f[c]),
+                    "support": int(support[c]),
+                    "auc": macro_auc(labels, probs, [c]),
+                }
+                for c in range(n)
+            },
+            "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(n))).tolist(),
+            "classification_report": classification_report(
+                labels, pred, labels=list(range(n)), target_names=classes, digits=3, zero_division=0
+            ),
+            "ece_before": C.expected_calibration_error(raw, labels),
+            "ece_after": C.expected_calibration_error(probs, labels),
+            "ci95": bootstrap_ci(labels, probs, n),
+            "per_source": {},
+        }
+    )
     for source in sorted(set(src.tolist())):
         m = src == source
         present = sorted(set(labels[m].tolist()))
         core = core_metrics(labels[m], probs[m], n)
         metrics["per_source"][source] = {
-            "n": int(m.sum()), "accuracy": core["accuracy"],
+            "n": int(m.sum()),
+            "accuracy": core["accuracy"],
             "accuracy_ci95": bootstrap_ci(labels[m], probs[m], n, rounds=300)["accuracy"],
             "classes": [classes[c] for c in present],
             # one source often holds two classes (NIH: Normal and Lung_Opacity): the AUC between those
@@ -170,8 +201,14 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: s
     ax.set_yticks(range(len(classes)), classes)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, str(cm_arr[i, j]), ha="center", va="center",
-                    color="white" if cm_arr[i, j] > cm_arr.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm_arr[i, j]),
+                ha="center",
+                va="center",
+                color="white" if cm_arr[i, j] > cm_arr.max() / 2 else "black",
+            )
     ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix: {title}")
     fig.text(0.01, 0.005, NOT_CLINICAL, fontsize=7)
     fig.tight_layout()
@@ -186,7 +223,13 @@ def plot_reliability(labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray
         conf, acc, _ = C.reliability_curve(probs, labels)
         ax.plot(conf, acc, marker="o", label=f"{name}, ECE {C.expected_calibration_error(probs, labels):.3f}")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", title=f"Reliability: {title}", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="confidence (top-class probability)",
+        ylabel="accuracy",
+        title=f"Reliability: {title}",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.legend(loc="upper left", fontsize=8)
     fig.text(0.01, 0.005, NOT_CLINICAL, fontsize=7)
     fig.tight_layout()
@@ -206,24 +249,42 @@ def validation_predictions(run_dir: Path, data_dir: str | None = None):
         cfg.data = str(data_dir)
     _, val = prepare_split(cfg, Path(run_dir))
     if len(val.labels) == 0:
-        raise FileNotFoundError(f"none of {run_dir}'s validation images could be read under {cfg.data}: "
-                                "if the data moved, pass --data DIR")
+        raise FileNotFoundError(
+            f"none of {run_dir}'s validation images could be read under {cfg.data}: if the data moved, pass --data DIR"
+        )
     return predict_logits(model, val.images), val, cfg
 
 
-def evaluate_run(run_dir: Path, data_dir: str | None = None, plots: bool = True, target_accuracy: float | None = None) -> dict:
+def evaluate_run(
+    run_dir: Path, data_dir: str | None = None, plots: bool = True, target_accuracy: float | None = None
+) -> dict:
     """Evaluate one run: fits its calibration (training/calibrate.py: calibration.json, input_gate.npz), writes
     metrics.json and the PNG plots into the run folder."""
     run_dir = Path(run_dir)
     calibration, logits, val, cfg = C.fit_run(run_dir, data_dir, target_accuracy)
-    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, temperature=calibration.temperature,
-                                   contradicted=_contradicted(val))
+    metrics = evaluate_predictions(
+        val.labels,
+        logits,
+        cfg.classes,
+        val.sources,
+        temperature=calibration.temperature,
+        contradicted=_contradicted(val),
+    )
     metrics.update(operating_point=calibration.operating_point, input_gate=calibration.input_gate)
     run = RunDir(run_dir)
     history = run.history()
     metrics.update(_run_facts(run_dir, cfg, history, val))
-    _write(run_dir, metrics, val.labels, C.softmax(logits.astype(np.float64)),
-           C.softmax(logits.astype(np.float64), metrics["temperature"]), cfg.classes, history, cfg.architecture, plots)
+    _write(
+        run_dir,
+        metrics,
+        val.labels,
+        C.softmax(logits.astype(np.float64)),
+        C.softmax(logits.astype(np.float64), metrics["temperature"]),
+        cfg.classes,
+        history,
+        cfg.architecture,
+        plots,
+    )
     np.save(run / RunDir.VAL_LOGITS, logits)
     return metrics
 
@@ -242,18 +303,35 @@ def _run_facts(run_dir: Path, cfg, history: list[dict], val) -> dict:
     best = torch.load(run / RunDir.BEST, map_location="cpu", weights_only=False)
     split = (run / RunDir.SPLIT).read_text().splitlines()[1:]
     data_facts, pretrained = run.data_facts(), run.pretrained()
-    train_images = (sum(sum(c.values()) for c in data_facts["train"].values()) if "train" in data_facts
-                    else sum(1 for r in split if ",train," in r))
+    train_images = (
+        sum(sum(c.values()) for c in data_facts["train"].values())
+        if "train" in data_facts
+        else sum(1 for r in split if ",train," in r)
+    )
     return {
         # the run's folder name too when it says more than the architecture (two runs of one architecture)
         "model": cfg.architecture if run_dir.name == cfg.architecture else f"{cfg.architecture} ({run_dir.name})",
-        "architecture": cfg.architecture, "run_dir": str(run_dir),
-        "data": cfg.data, "manifest": cfg.manifest, "classes": cfg.classes, "synthetic_demo": cfg.synthetic_demo,
-        "split": {"file": RunDir.SPLIT, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                  "patient_disjoint": cfg.manifest is not None,
-                  "train_images": train_images, "val_images": len(val.labels)},
-        "label_policy": cfg.label_policy, "data_summary": data_facts, "pretrained": pretrained,
-        "image_size": cfg.image_size, "weights": cfg.weights, "epochs_run": len(history), "best_epoch": best["epoch"],
+        "architecture": cfg.architecture,
+        "run_dir": str(run_dir),
+        "data": cfg.data,
+        "manifest": cfg.manifest,
+        "classes": cfg.classes,
+        "synthetic_demo": cfg.synthetic_demo,
+        "split": {
+            "file": RunDir.SPLIT,
+            "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction,
+            "patient_disjoint": cfg.manifest is not None,
+            "train_images": train_images,
+            "val_images": len(val.labels),
+        },
+        "label_policy": cfg.label_policy,
+        "data_summary": data_facts,
+        "pretrained": pretrained,
+        "image_size": cfg.image_size,
+        "weights": cfg.weights,
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
         "wall_seconds": sum(h["epoch_seconds"] + h.get("cache_seconds", 0.0) for h in history),
         "train_images_per_second": float(np.median([h["train_images_per_second"] for h in history])),
         "evaluated_on": "validation split (also used for early stopping and to fit the temperature)",
@@ -277,8 +355,13 @@ def _write(out: Path, metrics: dict, labels, raw, calibrated, classes, history, 
         plot_coverage(calibrated, labels, metrics["operating_point"], out / "coverage.png", title, NOT_CLINICAL)
 
 
-def evaluate_ensemble(run_dirs: list[Path], out_dir: Path, data_dir: str | None = None, plots: bool = True,
-                      target_accuracy: float | None = None) -> dict:
+def evaluate_ensemble(
+    run_dirs: list[Path],
+    out_dir: Path,
+    data_dir: str | None = None,
+    plots: bool = True,
+    target_accuracy: float | None = None,
+) -> dict:
     """The ensemble's metrics: the mean of the members' calibrated probabilities, on their shared validation split.
     Its own operating point and input-gate threshold are fitted too and saved in `out_dir` (what export reads)."""
     members, first = [], None
@@ -295,18 +378,40 @@ def evaluate_ensemble(run_dirs: list[Path], out_dir: Path, data_dir: str | None 
     _, val, cfg = first
     probs = np.mean([C.softmax(lg.astype(np.float64), t) for lg, t, _ in members], axis=0)
     logits = np.mean([lg for lg, _, _ in members], axis=0)
-    metrics = evaluate_predictions(val.labels, logits, cfg.classes, val.sources, probs=probs,
-                                   contradicted=_contradicted(val))
-    metrics.update({"model": "ensemble", "architecture": "ensemble", "members": [str(r) for r in run_dirs],
-                    "data": cfg.data, "classes": cfg.classes, "image_size": cfg.image_size,
-                    "synthetic_demo": any(c.synthetic_demo for _, _, c in members), "note": NOT_CLINICAL,
-                    "evaluated_on": "validation split shared by all members",
-                    "epochs_run": None, "wall_seconds": None, "train_images_per_second": None})
+    metrics = evaluate_predictions(
+        val.labels, logits, cfg.classes, val.sources, probs=probs, contradicted=_contradicted(val)
+    )
+    metrics.update(
+        {
+            "model": "ensemble",
+            "architecture": "ensemble",
+            "members": [str(r) for r in run_dirs],
+            "data": cfg.data,
+            "classes": cfg.classes,
+            "image_size": cfg.image_size,
+            "synthetic_demo": any(c.synthetic_demo for _, _, c in members),
+            "note": NOT_CLINICAL,
+            "evaluated_on": "validation split shared by all members",
+            "epochs_run": None,
+            "wall_seconds": None,
+            "train_images_per_second": None,
+        }
+    )
     metrics["ece_before"] = C.expected_calibration_error(C.softmax(logits.astype(np.float64)), val.labels)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     calibration = C.fit_ensemble(list(map(Path, run_dirs)), Path(out_dir), probs, val, target_accuracy)
     metrics.update(operating_point=calibration.operating_point, input_gate=calibration.input_gate)
-    _write(Path(out_dir), metrics, val.labels, C.softmax(logits.astype(np.float64)), probs, cfg.classes, [], "ensemble", plots)
+    _write(
+        Path(out_dir),
+        metrics,
+        val.labels,
+        C.softmax(logits.astype(np.float64)),
+        probs,
+        cfg.classes,
+        [],
+        "ensemble",
+        plots,
+    )
     return metrics
 
 
@@ -318,27 +423,60 @@ def comparison_table(all_metrics: list[dict]) -> str:
     """The seed's table (Model, Val Accuracy, ROC AUC, Precision, Recall, F1) plus the facts that qualify it: the
     radiologist-consistent subset, per-source accuracy (and NIH's Normal-vs-Lung_Opacity AUC), calibration, cost."""
     sources = sorted({s for m in all_metrics for s in m["per_source"]})
-    head = ["Model", "Val Accuracy (95% CI)", "ROC AUC (95% CI)", "Precision", "Recall", "F1",
-            "Consistent subset: acc. / AUC / ECE", "NIH AUC (whole / consistent)",
-            *[f"Acc. {s}" for s in sources], "ECE before → after", "Image size", "Epochs (best)", "Train wall time",
-            "Train images/s"]
+    head = [
+        "Model",
+        "Val Accuracy (95% CI)",
+        "ROC AUC (95% CI)",
+        "Precision",
+        "Recall",
+        "F1",
+        "Consistent subset: acc. / AUC / ECE",
+        "NIH AUC (whole / consistent)",
+        *[f"Acc. {s}" for s in sources],
+        "ECE before → after",
+        "Image size",
+        "Epochs (best)",
+        "Train wall time",
+        "Train images/s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in all_metrics:
         ci = m["ci95"]
-        src = [f"{_fmt(m['per_source'][s]['accuracy'])} (n={m['per_source'][s]['n']})" if s in m["per_source"] else "–"
-               for s in sources]
+        src = [
+            f"{_fmt(m['per_source'][s]['accuracy'])} (n={m['per_source'][s]['n']})" if s in m["per_source"] else "–"
+            for s in sources
+        ]
         ece_after = m.get("ece_after_cross_fitted", m["ece_after"])
         epochs = f"{m['epochs_run']} ({m['best_epoch']})" if m.get("epochs_run") else "–"
         wall = f"{m['wall_seconds'] / 60:.1f} min" if m.get("wall_seconds") else "–"
         sub = m.get(CONSISTENT_SUBSET)
-        consistent = (f"{_fmt(sub['accuracy'])} / {_fmt(sub['macro_auc'])} / "
-                      f"{_fmt(sub.get('ece_after_cross_fitted', sub['ece_after']))} (n={sub['n']})" if sub else "–")
+        consistent = (
+            f"{_fmt(sub['accuracy'])} / {_fmt(sub['macro_auc'])} / "
+            f"{_fmt(sub.get('ece_after_cross_fitted', sub['ece_after']))} (n={sub['n']})"
+            if sub
+            else "–"
+        )
         nih = [x["per_source"].get("nih", {}).get("auc_among_its_classes") for x in (m, sub) if x]
-        lines.append("| " + " | ".join([
-            m["model"], f"{_fmt(m['accuracy'])} ({_fmt(ci['accuracy'][0])}–{_fmt(ci['accuracy'][1])})",
-            f"{_fmt(m['macro_auc'])} ({_fmt(ci['macro_auc'][0])}–{_fmt(ci['macro_auc'][1])})",
-            _fmt(m["macro_precision"]), _fmt(m["macro_recall"]), _fmt(m["macro_f1"]), consistent,
-            " / ".join(_fmt(v) for v in nih) if any(v is not None for v in nih) else "–", *src,
-            f"{_fmt(m['ece_before'])} → {_fmt(ece_after)}", str(m["image_size"]), epochs, wall,
-            _fmt(m.get("train_images_per_second"), 1)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    m["model"],
+                    f"{_fmt(m['accuracy'])} ({_fmt(ci['accuracy'][0])}–{_fmt(ci['accuracy'][1])})",
+                    f"{_fmt(m['macro_auc'])} ({_fmt(ci['macro_auc'][0])}–{_fmt(ci['macro_auc'][1])})",
+                    _fmt(m["macro_precision"]),
+                    _fmt(m["macro_recall"]),
+                    _fmt(m["macro_f1"]),
+                    consistent,
+                    " / ".join(_fmt(v) for v in nih) if any(v is not None for v in nih) else "–",
+                    *src,
+                    f"{_fmt(m['ece_before'])} → {_fmt(ece_after)}",
+                    str(m["image_size"]),
+                    epochs,
+                    wall,
+                    _fmt(m.get("train_images_per_second"), 1),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"

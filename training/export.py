@@ -99,8 +99,12 @@ def _calibrated(run_dir: Path) -> tuple[Calibrated, TrainConfig, Calibration]:
     if calibration.input_gate is not None:
         gate = ood.score_module(ood.Gate.from_arrays(Calibration.gate_arrays(run_dir)))
     else:
-        log.warning("%s was evaluated before the input gate existed: exported without ood_score "
-                    "(run `cxr evaluate %s` again to fit it)", run_dir, run_dir)
+        log.warning(
+            "%s was evaluated before the input gate existed: exported without ood_score "
+            "(run `cxr evaluate %s` again to fit it)",
+            run_dir,
+            run_dir,
+        )
     return Calibrated(net, calibration.temperature, gate).eval(), cfg, calibration
 
 
@@ -136,8 +140,16 @@ def to_onnx(module: nn.Module, image_size: int, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # The TorchScript-based exporter writes opset 17 directly; the dynamo one only targets 18+ (and converting down fails).
-        torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=list(outputs),
-                          opset_version=OPSET, dynamo=False, dynamic_axes={n: batch_axis for n in ("image", *outputs)})
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=list(outputs),
+            opset_version=OPSET,
+            dynamo=False,
+            dynamic_axes={n: batch_axis for n in ("image", *outputs)},
+        )
     import onnx
 
     model = onnx.load(str(path))
@@ -158,50 +170,89 @@ def check_parity(module: nn.Module, onnx_path: Path, images: np.ndarray) -> dict
     single = session.run(["probabilities"], {"image": images[:1]})[0]
     diffs = {name: float(np.abs(e - g).max()) for name, e, g in zip(outputs, expected, got)}
     diffs["probabilities_batch_of_one"] = float(np.abs(expected[0][:1] - single).max())
-    report = {"images": int(len(images)), "max_abs_diff": diffs, "tolerance_probabilities": PARITY_TOLERANCE,
-              "cam_shape": list(got[2].shape[1:])}
+    report = {
+        "images": int(len(images)),
+        "max_abs_diff": diffs,
+        "tolerance_probabilities": PARITY_TOLERANCE,
+        "cam_shape": list(got[2].shape[1:]),
+    }
     worst = max(diffs["probabilities"], diffs["probabilities_batch_of_one"])
     if not worst < PARITY_TOLERANCE:
-        raise ExportError(f"onnxruntime differs from PyTorch: max |diff| of probabilities {worst:.2e} >= {PARITY_TOLERANCE}")
+        raise ExportError(
+            f"onnxruntime differs from PyTorch: max |diff| of probabilities {worst:.2e} >= {PARITY_TOLERANCE}"
+        )
     if OOD_OUTPUT in outputs:
         worst = diffs[OOD_OUTPUT]
         report["tolerance_ood_score"] = OOD_TOLERANCE
         if not worst < OOD_TOLERANCE:
-            raise GateParityError(f"onnxruntime differs from PyTorch: max |diff| of ood_score {worst:.2e} >= "
-                                  f"{OOD_TOLERANCE} (in units of the threshold)")
+            raise GateParityError(
+                f"onnxruntime differs from PyTorch: max |diff| of ood_score {worst:.2e} >= "
+                f"{OOD_TOLERANCE} (in units of the threshold)"
+            )
     return report
 
 
 def _metrics_summary(metrics: dict) -> dict:
-    keys = ("accuracy", "macro_auc", "macro_precision", "macro_recall", "macro_f1", "ci95", "per_class", "per_source",
-            "confusion_matrix", "ece_before", "ece_after", "ece_after_cross_fitted", "temperature", "n", "evaluated_on",
-            "consistent_subset")
+    keys = (
+        "accuracy",
+        "macro_auc",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+        "ci95",
+        "per_class",
+        "per_source",
+        "confusion_matrix",
+        "ece_before",
+        "ece_after",
+        "ece_after_cross_fitted",
+        "temperature",
+        "n",
+        "evaluated_on",
+        "consistent_subset",
+    )
     return {k: metrics[k] for k in keys if k in metrics}
 
 
 def _card(cfg: TrainConfig, metrics: dict, parity: dict, calibration: Calibration, extra: dict) -> dict:
     synthetic = bool(metrics.get("synthetic_demo") or cfg.synthetic_demo)
-    outputs = {"probabilities": "softmax(logits / temperature), calibrated on the validation split",
-               "logits": "uncalibrated", "cam": f"class activation maps [N, C, {cfg.image_size // 32}, {cfg.image_size // 32}]"}
+    outputs = {
+        "probabilities": "softmax(logits / temperature), calibrated on the validation split",
+        "logits": "uncalibrated",
+        "cam": f"class activation maps [N, C, {cfg.image_size // 32}, {cfg.image_size // 32}]",
+    }
     if calibration.input_gate is not None and "omitted" not in calibration.input_gate:
-        outputs[OOD_OUTPUT] = ("[N, 1] out-of-distribution score, higher = less like the training radiographs; 1.0 is the "
-                               "threshold fitted on the validation split (see input_gate)")
+        outputs[OOD_OUTPUT] = (
+            "[N, 1] out-of-distribution score, higher = less like the training radiographs; 1.0 is the "
+            "threshold fitted on the validation split (see input_gate)"
+        )
     return {
-        "intended_use": NOT_CLINICAL + (" SYNTHETIC DEMO: trained on generated phantoms, not a medical model." if synthetic else
-                                        " Research-grade labels; see data_source caveats."),
+        "intended_use": NOT_CLINICAL
+        + (
+            " SYNTHETIC DEMO: trained on generated phantoms, not a medical model."
+            if synthetic
+            else " Research-grade labels; see data_source caveats."
+        ),
         "synthetic_demo": synthetic,
         "classes": cfg.classes,
         "image_size": cfg.image_size,
-        "input": {"name": "image", "datatype": "UINT8", "shape": [-1, 1, cfg.image_size, cfg.image_size],
-                  "preprocessing": "cxr.imaging.load_for_model (decode to 8-bit grayscale, resize); rescaling, channel "
-                                   "replication and ImageNet mean/std are inside the graph"},
+        "input": {
+            "name": "image",
+            "datatype": "UINT8",
+            "shape": [-1, 1, cfg.image_size, cfg.image_size],
+            "preprocessing": "cxr.imaging.load_for_model (decode to 8-bit grayscale, resize); rescaling, channel "
+            "replication and ImageNet mean/std are inside the graph",
+        },
         "outputs": outputs,
         "temperature": metrics.get("temperature"),
         "operating_point": calibration.operating_point,
         "input_gate": calibration.input_gate,
         "metrics": _metrics_summary(metrics),
-        "data_source": {"folder": Path(cfg.data).name, "manifest": Path(cfg.manifest).name if cfg.manifest else None,
-                        "synthetic_demo": synthetic},
+        "data_source": {
+            "folder": Path(cfg.data).name,
+            "manifest": Path(cfg.manifest).name if cfg.manifest else None,
+            "synthetic_demo": synthetic,
+        },
         "split": metrics.get("split"),
         "onnx": {"opset": OPSET, "parity": parity},
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -215,9 +266,12 @@ def _data_card(run_dir: Path, cfg: TrainConfig) -> dict:
 
     facts = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
     pretrained = run_dir / "pretrained.json"
-    return {"label_policy": cfg.label_policy, "training_data": facts,
-            "pretrained": json.loads(pretrained.read_text()) if pretrained.is_file() else None,
-            "caveats": caveats(cfg.classes, facts, cfg.label_policy)}
+    return {
+        "label_policy": cfg.label_policy,
+        "training_data": facts,
+        "pretrained": json.loads(pretrained.read_text()) if pretrained.is_file() else None,
+        "caveats": caveats(cfg.classes, facts, cfg.label_policy),
+    }
 
 
 def export_run(run_dir: Path, repo: Path, name: str | None = None, data_dir: str | None = None) -> Path:
@@ -226,16 +280,38 @@ def export_run(run_dir: Path, repo: Path, name: str | None = None, data_dir: str
     module, cfg, calibration = _calibrated(run_dir)
     cfg.data = data_dir or cfg.data
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    settings = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k not in ("data", "manifest")}
-    return _write(module, cfg, _parity_images(cfg, run_dir), repo, name or cfg.architecture, metrics, calibration,
-                  {"architecture": cfg.architecture, "training": settings, **_data_card(run_dir, cfg),
-                   "training_history": {"epochs_run": metrics.get("epochs_run"), "best_epoch": metrics.get("best_epoch"),
-                                        "wall_seconds": metrics.get("wall_seconds"),
-                                        "train_images_per_second": metrics.get("train_images_per_second")}})
+    settings = {
+        k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k not in ("data", "manifest")
+    }
+    return _write(
+        module,
+        cfg,
+        _parity_images(cfg, run_dir),
+        repo,
+        name or cfg.architecture,
+        metrics,
+        calibration,
+        {
+            "architecture": cfg.architecture,
+            "training": settings,
+            **_data_card(run_dir, cfg),
+            "training_history": {
+                "epochs_run": metrics.get("epochs_run"),
+                "best_epoch": metrics.get("best_epoch"),
+                "wall_seconds": metrics.get("wall_seconds"),
+                "train_images_per_second": metrics.get("train_images_per_second"),
+            },
+        },
+    )
 
 
-def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble", data_dir: str | None = None,
-                    evaluation: Path | None = None) -> Path:
+def export_ensemble(
+    run_dirs: list[Path],
+    repo: Path,
+    name: str = "ensemble",
+    data_dir: str | None = None,
+    evaluation: Path | None = None,
+) -> Path:
     """Export the members as one graph that averages them. They must share classes, image size and split, and the
     ensemble must have been evaluated (`cxr evaluate --ensemble`; its folder: `evaluation`, default `ensemble/`
     beside the runs), which fitted its operating point and input-gate threshold."""
@@ -244,11 +320,15 @@ def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble", da
     try:
         calibration = Calibration.load(evaluation)
     except FileNotFoundError:
-        raise ExportError(f"the ensemble was not evaluated ({evaluation / 'calibration.json'} not found): run "
-                          f"`cxr evaluate --ensemble {' '.join(map(str, run_dirs))}` first") from None
+        raise ExportError(
+            f"the ensemble was not evaluated ({evaluation / 'calibration.json'} not found): run "
+            f"`cxr evaluate --ensemble {' '.join(map(str, run_dirs))}` first"
+        ) from None
     if [str(Path(m).resolve()) for m in calibration.members or []] != [str(r.resolve()) for r in run_dirs]:
-        raise ExportError(f"{evaluation} evaluated the members {calibration.members}, not {[str(r) for r in run_dirs]}: "
-                          "evaluate this ensemble first")
+        raise ExportError(
+            f"{evaluation} evaluated the members {calibration.members}, not {[str(r) for r in run_dirs]}: "
+            "evaluate this ensemble first"
+        )
     members, cfgs = [], []
     for run_dir in run_dirs:
         member, cfg, _ = _calibrated(run_dir)
@@ -258,24 +338,36 @@ def export_ensemble(run_dirs: list[Path], repo: Path, name: str = "ensemble", da
     first = cfgs[0]
     for cfg, run_dir in zip(cfgs, run_dirs):
         if cfg.classes != first.classes or cfg.image_size != first.image_size:
-            raise ExportError(f"{run_dir}: ensemble members need the same classes and image size "
-                              f"({cfg.classes}, {cfg.image_size} vs {first.classes}, {first.image_size})")
+            raise ExportError(
+                f"{run_dir}: ensemble members need the same classes and image size "
+                f"({cfg.classes}, {cfg.image_size} vs {first.classes}, {first.image_size})"
+            )
     metrics = json.loads((evaluation / "metrics.json").read_text())
     gate = calibration.input_gate
     module = Ensemble(members, gate["raw_threshold"] if gate else None).eval()
     if gate and not module.gated:
         raise ExportError("the ensemble's input gate was fitted but a member has none: evaluate the members again")
-    extra = {"architecture": "ensemble",
-             "members": [{"architecture": c.architecture, "temperature": float(m.inv_temperature.reciprocal()),
-                          "val_accuracy": json.loads((r / "metrics.json").read_text())["accuracy"]}
-                         for c, m, r in zip(cfgs, members, run_dirs)],
-             "combination": "mean of the members' calibrated probabilities (logits and cam: mean too); ood_score: "
-                            "the largest member score over the ensemble's own threshold",
-             **_data_card(Path(run_dirs[0]), first)}
+    extra = {
+        "architecture": "ensemble",
+        "members": [
+            {
+                "architecture": c.architecture,
+                "temperature": float(m.inv_temperature.reciprocal()),
+                "val_accuracy": json.loads((r / "metrics.json").read_text())["accuracy"],
+            }
+            for c, m, r in zip(cfgs, members, run_dirs)
+        ],
+        "combination": "mean of the members' calibrated probabilities (logits and cam: mean too); ood_score: "
+        "the largest member score over the ensemble's own threshold",
+        **_data_card(Path(run_dirs[0]), first),
+    }
     if len({c.label_policy for c in cfgs}) > 1:  # say each member's, not only the first's
         extra["label_policy"] = [c.label_policy for c in cfgs]
-        extra["caveats"].append("Members differ in label cleaning: " + ", ".join(
-            f"{Path(r).name}: {c.label_policy}" for r, c in zip(run_dirs, cfgs)) + ".")
+        extra["caveats"].append(
+            "Members differ in label cleaning: "
+            + ", ".join(f"{Path(r).name}: {c.label_policy}" for r, c in zip(run_dirs, cfgs))
+            + "."
+        )
     metrics.setdefault("split", json.loads((Path(run_dirs[0]) / "metrics.json").read_text()).get("split"))
     return _write(module, first, _parity_images(first, Path(run_dirs[0])), repo, name, metrics, calibration, extra)
 
@@ -289,8 +381,10 @@ def _check_compatible(repo: Path, name: str, cfg: TrainConfig) -> None:
     size = params["cxr.image_size"].string_value if "cxr.image_size" in params else None
     classes = params["cxr.classes"].string_value if "cxr.classes" in params else None
     if (size and int(size) != cfg.image_size) or (classes and classes.split(",") != cfg.classes):
-        raise ExportError(f"model {name!r} in {repo} takes image size {size} and classes {classes}; this run has "
-                          f"{cfg.image_size} and {','.join(cfg.classes)}: export it under another --name")
+        raise ExportError(
+            f"model {name!r} in {repo} takes image size {size} and classes {classes}; this run has "
+            f"{cfg.image_size} and {','.join(cfg.classes)}: export it under another --name"
+        )
 
 
 def fitted_parameters(calibration: Calibration) -> dict[str, str]:
@@ -305,9 +399,14 @@ def _sync_config(model_dir: Path, onnx_path: Path, params: dict[str, str]) -> No
     """An existing config.pbtxt (an operator's edits are kept) gets the new version's fitted parameters, and the
     outputs its graph adds (an older repository's config lacks ood_score)."""
     config = repository.read_config(model_dir)
-    fresh = repository.default_config(config.name, onnx_path, max_batch_size=config.max_batch_size,
-                                      parameters={"cxr.classes": config.parameters["cxr.classes"].string_value}
-                                      if "cxr.classes" in config.parameters else None)
+    fresh = repository.default_config(
+        config.name,
+        onnx_path,
+        max_batch_size=config.max_batch_size,
+        parameters={"cxr.classes": config.parameters["cxr.classes"].string_value}
+        if "cxr.classes" in config.parameters
+        else None,
+    )
     known = {o.name for o in config.output}
     for output in fresh.output:
         if output.name not in known:
@@ -327,8 +426,16 @@ def _drop_gate(module: nn.Module) -> None:
         module.gate = None
 
 
-def _write(module: nn.Module, cfg: TrainConfig, images: np.ndarray, repo: Path, name: str, metrics: dict,
-           calibration: Calibration, extra: dict) -> Path:
+def _write(
+    module: nn.Module,
+    cfg: TrainConfig,
+    images: np.ndarray,
+    repo: Path,
+    name: str,
+    metrics: dict,
+    calibration: Calibration,
+    extra: dict,
+) -> Path:
     _check_compatible(repo, name, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
@@ -343,13 +450,22 @@ def _write(module: nn.Module, cfg: TrainConfig, images: np.ndarray, repo: Path, 
             to_onnx(module, cfg.image_size, onnx_path)
             parity = check_parity(module, onnx_path, images)
         card = _card(cfg, metrics, parity, calibration, extra)
-        params = {"cxr.architecture": extra["architecture"], "cxr.synthetic_demo": str(card["synthetic_demo"]).lower(),
-                  **fitted_parameters(calibration)}
+        params = {
+            "cxr.architecture": extra["architecture"],
+            "cxr.synthetic_demo": str(card["synthetic_demo"]).lower(),
+            **fitted_parameters(calibration),
+        }
         existed = (Path(repo) / name / repository.CONFIG_FILENAME).is_file()
-        version_dir = repository.write_model(repo, name, onnx_path, classes=cfg.classes, image_size=cfg.image_size,
-                                             model_card=card, parameters=params)
+        version_dir = repository.write_model(
+            repo, name, onnx_path, classes=cfg.classes, image_size=cfg.image_size, model_card=card, parameters=params
+        )
         if existed:
             _sync_config(Path(repo) / name, onnx_path, params)
-    log.info("exported %s -> %s (parity on %d real images: max |diff| probabilities %.1e)", name, version_dir,
-             parity["images"], parity["max_abs_diff"]["probabilities"])
+    log.info(
+        "exported %s -> %s (parity on %d real images: max |diff| probabilities %.1e)",
+        name,
+        version_dir,
+        parity["images"],
+        parity["max_abs_diff"]["probabilities"],
+    )
     return version_dir

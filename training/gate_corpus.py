@@ -18,9 +18,32 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text", "horse", "clock",
-          "hubble_deep_field", "immunohistochemistry", "brick", "grass", "gravel", "logo", "retina", "cell",
-          "microaneurysms", "colorwheel", "binary_blobs", "checkerboard", "shepp_logan_phantom")
+PHOTOS = (
+    "astronaut",
+    "camera",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "horse",
+    "clock",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "brick",
+    "grass",
+    "gravel",
+    "logo",
+    "retina",
+    "cell",
+    "microaneurysms",
+    "colorwheel",
+    "binary_blobs",
+    "checkerboard",
+    "shepp_logan_phantom",
+)
 # pydicom's bundled test files (pydicom.data, no download): CT, MR and NM slices
 PYDICOM_FILES = ("CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm", "JPEG2000.dcm")
 SIDE = 256
@@ -52,8 +75,13 @@ def photos() -> list[tuple[str, bytes]]:
 
 
 def texts() -> list[tuple[str, bytes]]:
-    lines = ["Patient information leaflet", "Report: no acute cardiopulmonary process.", "The quick brown fox jumps",
-             "lorem ipsum dolor sit amet", "0123456789 ABCDEFGHIJ"]
+    lines = [
+        "Patient information leaflet",
+        "Report: no acute cardiopulmonary process.",
+        "The quick brown fox jumps",
+        "lorem ipsum dolor sit amet",
+        "0123456789 ABCDEFGHIJ",
+    ]
     found = []
     for i, line in enumerate(lines):
         for dark_on_light in (True, False):
@@ -79,7 +107,11 @@ def noise(seed: int = 0) -> list[tuple[str, bytes]]:
         sp[mask > 1 - 0.05 * (i + 1)] = 255
         found.append((f"salt_pepper{i}", png(sp)))
         low = rng.normal(0, 1, (8 * (i + 1), 8 * (i + 1)))  # smooth (low-frequency) noise
-        smooth = np.asarray(Image.fromarray(((low - low.min()) / np.ptp(low) * 255).astype(np.uint8)).resize((SIDE, SIDE), Image.BICUBIC))
+        smooth = np.asarray(
+            Image.fromarray(((low - low.min()) / np.ptp(low) * 255).astype(np.uint8)).resize(
+                (SIDE, SIDE), Image.BICUBIC
+            )
+        )
         found.append((f"smooth{i}", png(smooth)))
     return found
 
@@ -87,10 +119,20 @@ def noise(seed: int = 0) -> list[tuple[str, bytes]]:
 def gradients() -> list[tuple[str, bytes]]:
     y, x = np.mgrid[0:SIDE, 0:SIDE] / (SIDE - 1)
     r = np.hypot(x - 0.5, y - 0.5) / np.sqrt(0.5)
-    images = {"linear_x": x, "linear_y": y, "linear_diag": (x + y) / 2, "radial": 1 - r, "radial_inv": r,
-              "rings": (np.sin(r * 20) + 1) / 2, "checker8": ((x * 8).astype(int) + (y * 8).astype(int)) % 2,
-              "checker32": ((x * 32).astype(int) + (y * 32).astype(int)) % 2, "flat_black": 0 * x,
-              "flat_grey": 0 * x + 0.5, "flat_white": 0 * x + 1, "stripes": (np.sin(x * 40) + 1) / 2}
+    images = {
+        "linear_x": x,
+        "linear_y": y,
+        "linear_diag": (x + y) / 2,
+        "radial": 1 - r,
+        "radial_inv": r,
+        "rings": (np.sin(r * 20) + 1) / 2,
+        "checker8": ((x * 8).astype(int) + (y * 8).astype(int)) % 2,
+        "checker32": ((x * 32).astype(int) + (y * 32).astype(int)) % 2,
+        "flat_black": 0 * x,
+        "flat_grey": 0 * x + 0.5,
+        "flat_white": 0 * x + 1,
+        "stripes": (np.sin(x * 40) + 1) / 2,
+    }
     return [(name, png((np.clip(v, 0, 1) * 255).astype(np.uint8))) for name, v in images.items()]
 
 
@@ -120,12 +162,20 @@ def ct_mr_pixels() -> list[tuple[str, bytes]]:
 
 def transformed_radiographs(images: np.ndarray) -> dict[str, list[np.ndarray]]:
     """uint8 [N,S,S] radiographs -> rotated 90 and 180 degrees, and inverted (same size)."""
-    return {"rotated_90": [np.ascontiguousarray(np.rot90(i)) for i in images],
-            "rotated_180": [np.ascontiguousarray(np.rot90(i, 2)) for i in images],
-            "inverted": [255 - i for i in images]}
+    return {
+        "rotated_90": [np.ascontiguousarray(np.rot90(i)) for i in images],
+        "rotated_180": [np.ascontiguousarray(np.rot90(i, 2)) for i in images],
+        "inverted": [255 - i for i in images],
+    }
 
 
 def non_radiographs() -> dict[str, list[tuple[str, bytes]]]:
     """Every kind that is not a chest radiograph: kind -> [(name, image bytes)]."""
-    return {"photo": photos(), "text": texts(), "noise": noise(), "gradient": gradients(), "ct_mr": ct_mr(),
-            "ct_mr_pixels": ct_mr_pixels()}
+    return {
+        "photo": photos(),
+        "text": texts(),
+        "noise": noise(),
+        "gradient": gradients(),
+        "ct_mr": ct_mr(),
+        "ct_mr_pixels": ct_mr_pixels(),
+    }

@@ -68,37 +68,60 @@ def measure(version_dir: Path, run_dir: Path, data_dir: str | None = None) -> di
         energy = ood.energy(logits)
         pixel = scores > threshold
         header = np.array(header_refused[kind])
-        rows[kind] = {"n": len(images), "refused": float((pixel | header).mean()), "refused_by_pixels": float(pixel.mean()),
-                      "refused_by_header": float(header.mean()), "energy_refused": float((energy > energy_threshold).mean()),
-                      "median_score": float(np.median(scores)), "min_score": float(scores.min())}
+        rows[kind] = {
+            "n": len(images),
+            "refused": float((pixel | header).mean()),
+            "refused_by_pixels": float(pixel.mean()),
+            "refused_by_header": float(header.mean()),
+            "energy_refused": float((energy > energy_threshold).mean()),
+            "median_score": float(np.median(scores)),
+            "min_score": float(scores.min()),
+        }
         if kind not in gate_corpus.transformed_radiographs(val.images[:1]):
             all_out_scores.append(scores)
             all_out_energy.append(energy)
     out_scores, out_energy = np.concatenate(all_out_scores), np.concatenate(all_out_energy)
     return {
-        "model": f"{version_dir.parent.name}/{version_dir.name}", "image_size": size, "threshold": threshold,
-        "validation": {"n": int(len(val_scores)), "refused": float((val_scores > threshold).mean()),
-                       "energy_refused": float((val_energy > energy_threshold).mean())},
+        "model": f"{version_dir.parent.name}/{version_dir.name}",
+        "image_size": size,
+        "threshold": threshold,
+        "validation": {
+            "n": int(len(val_scores)),
+            "refused": float((val_scores > threshold).mean()),
+            "energy_refused": float((val_energy > energy_threshold).mean()),
+        },
         "kinds": rows,
-        "non_radiographs": {"n": int(len(out_scores)),
-                            "refused_by_pixels": float((out_scores > threshold).mean()),
-                            "energy_refused": float((out_energy > energy_threshold).mean()),
-                            "auc_mahalanobis": ood.separation_auc(val_scores, out_scores),
-                            "auc_energy": ood.separation_auc(val_energy, out_energy)},
+        "non_radiographs": {
+            "n": int(len(out_scores)),
+            "refused_by_pixels": float((out_scores > threshold).mean()),
+            "energy_refused": float((out_energy > energy_threshold).mean()),
+            "auc_mahalanobis": ood.separation_auc(val_scores, out_scores),
+            "auc_energy": ood.separation_auc(val_energy, out_energy),
+        },
     }
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Input gate of {report['model']} ({report['image_size']} px), ood_score threshold {report['threshold']}:",
-             "", "| Kind | n | refused (header or pixels) | by pixels (Mahalanobis) | energy score instead |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"Input gate of {report['model']} ({report['image_size']} px), ood_score threshold {report['threshold']}:",
+        "",
+        "| Kind | n | refused (header or pixels) | by pixels (Mahalanobis) | energy score instead |",
+        "|---|---|---|---|---|",
+    ]
     v = report["validation"]
-    lines.append(f"| validation radiographs | {v['n']} | {v['refused']:.3f} | {v['refused']:.3f} | {v['energy_refused']:.3f} |")
+    lines.append(
+        f"| validation radiographs | {v['n']} | {v['refused']:.3f} | {v['refused']:.3f} | {v['energy_refused']:.3f} |"
+    )
     for kind, r in report["kinds"].items():
-        lines.append(f"| {kind} | {r['n']} | {r['refused']:.3f} | {r['refused_by_pixels']:.3f} | {r['energy_refused']:.3f} |")
+        lines.append(
+            f"| {kind} | {r['n']} | {r['refused']:.3f} | {r['refused_by_pixels']:.3f} | {r['energy_refused']:.3f} |"
+        )
     nr = report["non_radiographs"]
-    lines += ["", f"All non-radiographs by pixels alone: {nr['refused_by_pixels']:.3f} refused (energy: "
-              f"{nr['energy_refused']:.3f}); separation AUC Mahalanobis {nr['auc_mahalanobis']:.3f}, energy {nr['auc_energy']:.3f}."]
+    lines += [
+        "",
+        f"All non-radiographs by pixels alone: {nr['refused_by_pixels']:.3f} refused (energy: "
+        f"{nr['energy_refused']:.3f}); separation AUC Mahalanobis {nr['auc_mahalanobis']:.3f}, energy {nr['auc_energy']:.3f}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,11 @@ def custom_cnn_backbone(widths: tuple[int, ...] = (32, 64, 128, 192, 256)) -> tu
     layers: list[nn.Module] = []
     cin = 3
     for width in widths:
-        layers += [nn.Conv2d(cin, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(cin, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
         layers += _conv_bn(width, width)
         cin = width
     return nn.Sequential(*layers), cin
@@ -110,9 +114,11 @@ def build_model(architecture: str, num_classes: int, weights: str = "none", drop
     except OSError as exc:  # urllib's URLError is an OSError: no internet to download the ImageNet weights
         if weights != "imagenet":
             raise
-        raise RuntimeError(f"could not download torchvision's ImageNet weights for {architecture} ({exc}). Download "
-                           "them where there is internet (they land in ~/.cache/torch/hub/checkpoints) or pass "
-                           "--weights PATH to a saved state dict, or --weights none to train from scratch") from None
+        raise RuntimeError(
+            f"could not download torchvision's ImageNet weights for {architecture} ({exc}). Download "
+            "them where there is internet (they land in ~/.cache/torch/hub/checkpoints) or pass "
+            "--weights PATH to a saved state dict, or --weights none to train from scratch"
+        ) from None
 
 
 def _build(architecture: str, num_classes: int, weights: str, tv_weights, dropout: float) -> CxrNet:
@@ -123,7 +129,9 @@ def _build(architecture: str, num_classes: int, weights: str, tv_weights, dropou
     elif architecture == "resnet50":
         net = tvm.resnet50(weights=tv_weights)
         _load_backbone_file(net, weights)
-        backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        backbone = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
         nfeat = 2048
     elif architecture == "mobilenet":
         net = tvm.mobilenet_v3_large(weights=tv_weights)
@@ -152,10 +160,16 @@ def _build_efficientnet_lite0(num_classes: int, weights: str, dropout: float) ->
         if weights != "imagenet" and not Path(weights).is_file():
             raise FileNotFoundError(f"--weights {weights}: no such file (use none, imagenet or a state-dict path)")
         loaded = E.load_imagenet(backbone, None if weights == "imagenet" else Path(weights))
-        model.pretrained = {"weights": weights, "file": Path(loaded.path).name, "package": E.IMAGENET_PACKAGE
-                            if weights == "imagenet" else None, "sha256": loaded.sha256, "tensors_loaded": loaded.tensors,
-                            "missing_keys": loaded.missing, "unexpected_keys": loaded.unexpected,
-                            "not_loaded": loaded.dropped}
+        model.pretrained = {
+            "weights": weights,
+            "file": Path(loaded.path).name,
+            "package": E.IMAGENET_PACKAGE if weights == "imagenet" else None,
+            "sha256": loaded.sha256,
+            "tensors_loaded": loaded.tensors,
+            "missing_keys": loaded.missing,
+            "unexpected_keys": loaded.unexpected,
+            "not_loaded": loaded.dropped,
+        }
     return model
 
 

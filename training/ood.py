@@ -62,8 +62,12 @@ def fit_gaussians(features: np.ndarray, labels: np.ndarray, num_classes: int) ->
     present = [c for c in range(num_classes) if (labels == c).any()]
     if not present:
         raise ValueError("no training features to fit the input gate on")
-    means = np.stack([features[labels == c].mean(0) if (labels == c).any() else np.full(features.shape[1], np.nan)
-                      for c in range(num_classes)])
+    means = np.stack(
+        [
+            features[labels == c].mean(0) if (labels == c).any() else np.full(features.shape[1], np.nan)
+            for c in range(num_classes)
+        ]
+    )
     centred = features - means[labels]
     covariance, shrinkage = ledoit_wolf(centred, assume_centered=True)
     eigenvalues, vectors = np.linalg.eigh(covariance)
@@ -127,13 +131,20 @@ class Gate:
     @classmethod
     def from_arrays(cls, arrays) -> Gate:
         medians = [float(m) for m in np.asarray(arrays["medians"])]
-        layers = [Gaussians.from_arrays({k: arrays[f"{k}_{i}"] for k in ("means", "whitening", "shrinkage")})
-                  for i in range(len(medians))]
+        layers = [
+            Gaussians.from_arrays({k: arrays[f"{k}_{i}"] for k in ("means", "whitening", "shrinkage")})
+            for i in range(len(medians))
+        ]
         return cls(layers, medians, float(arrays["threshold"]))
 
 
-def fit_gate(train: list[np.ndarray], train_labels: np.ndarray, val: list[np.ndarray], num_classes: int,
-             acceptance: float = ACCEPTANCE) -> tuple[Gate, np.ndarray]:
+def fit_gate(
+    train: list[np.ndarray],
+    train_labels: np.ndarray,
+    val: list[np.ndarray],
+    num_classes: int,
+    acceptance: float = ACCEPTANCE,
+) -> tuple[Gate, np.ndarray]:
     """Fit the Gaussians of each block on the training split, their medians and the threshold on the validation
     split. Returns the gate and the validation scores (in units of the threshold)."""
     layers = [fit_gaussians(f, train_labels, num_classes) for f in train]

@@ -30,8 +30,9 @@ def coverage_curve(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return top[last_of_tie], answered[last_of_tie] / max(len(top), 1), accuracy[last_of_tie]
 
 
-def fit_operating_point(probs: np.ndarray, labels: np.ndarray, target_accuracy: float = TARGET_ACCURACY,
-                        min_coverage: float = MIN_COVERAGE) -> dict:
+def fit_operating_point(
+    probs: np.ndarray, labels: np.ndarray, target_accuracy: float = TARGET_ACCURACY, min_coverage: float = MIN_COVERAGE
+) -> dict:
     """The operating point and what it does on the data it was fitted on."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     if len(labels) == 0:
@@ -68,11 +69,21 @@ def plot_coverage(probs: np.ndarray, labels: np.ndarray, point: dict, path, titl
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.plot(coverage, accuracy, marker=".", label="accuracy among answered")
     ax.axhline(point["target_accuracy"], color="grey", linestyle=":", label=f"target {point['target_accuracy']:.2f}")
-    ax.scatter([point["coverage"]], [point["accuracy_answered"]], color="red", zorder=3,
-               label=f"operating point p >= {point['min_top_probability']:.3f}: coverage {point['coverage']:.2f}")
+    ax.scatter(
+        [point["coverage"]],
+        [point["accuracy_answered"]],
+        color="red",
+        zorder=3,
+        label=f"operating point p >= {point['min_top_probability']:.3f}: coverage {point['coverage']:.2f}",
+    )
     low = min(accuracy.min() if len(accuracy) else 1.0, point["target_accuracy"])
-    ax.set(xlabel="coverage (share answered)", ylabel="accuracy", title=f"Coverage vs accuracy: {title}",
-           xlim=(0, 1.02), ylim=(max(0.0, math.floor(low * 20) / 20 - 0.05), 1.01))
+    ax.set(
+        xlabel="coverage (share answered)",
+        ylabel="accuracy",
+        title=f"Coverage vs accuracy: {title}",
+        xlim=(0, 1.02),
+        ylim=(max(0.0, math.floor(low * 20) / 20 - 0.05), 1.01),
+    )
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.text(0.01, 0.005, note, fontsize=7)

@@ -1,12 +1,12 @@
 """A training run's folder, as `cxr.repository` is for model repositories: one place that knows its files.
 
-    config.json       TrainConfig (training/config.py)
-    split.csv         every image: class, train/val, patient, source, data folder, radiologist verdict
-    skipped.csv       unreadable images
-    data.json         counts per source and class, what label cleaning removed, the site check
-    pretrained.json   where pretrained weights came from (file, sha256, keys); absent when trained from scratch
-    train.log, history.json (one record per epoch), best.pt (kept: the best validation macro AUC), last.pt (resume)
-    metrics.json, calibration.json, val_logits.npy, *.png   written by `cxr evaluate`
+config.json       TrainConfig (training/config.py)
+split.csv         every image: class, train/val, patient, source, data folder, radiologist verdict
+skipped.csv       unreadable images
+data.json         counts per source and class, what label cleaning removed, the site check
+pretrained.json   where pretrained weights came from (file, sha256, keys); absent when trained from scratch
+train.log, history.json (one record per epoch), best.pt (kept: the best validation macro AUC), last.pt (resume)
+metrics.json, calibration.json, val_logits.npy, *.png   written by `cxr evaluate`
 """
 
 from __future__ import annotations

@@ -26,10 +26,21 @@ def build_test_repository(data_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     repo = out_dir / "model_repository"
     runs = {}
-    for key, arch, epochs in (("custom_cnn", "custom_cnn", 1), ("custom_cnn_v2", "custom_cnn", 2),
-                              ("mobilenet", "mobilenet", 1), ("resnet50", "resnet50", 1)):
-        cfg = TrainConfig(data=str(Path(data_dir).resolve()), architecture=arch, image_size=TEST_IMAGE_SIZE, epochs=epochs,
-                          max_per_class=TEST_IMAGES_PER_CLASS, batch_size=16, seed=0)
+    for key, arch, epochs in (
+        ("custom_cnn", "custom_cnn", 1),
+        ("custom_cnn_v2", "custom_cnn", 2),
+        ("mobilenet", "mobilenet", 1),
+        ("resnet50", "resnet50", 1),
+    ):
+        cfg = TrainConfig(
+            data=str(Path(data_dir).resolve()),
+            architecture=arch,
+            image_size=TEST_IMAGE_SIZE,
+            epochs=epochs,
+            max_per_class=TEST_IMAGES_PER_CLASS,
+            batch_size=16,
+            seed=0,
+        )
         runs[key] = out_dir / "runs" / key
         train(cfg, runs[key], resume=False)
         evaluate_run(runs[key], plots=False)  # fits what export packages: temperature, operating point, input gate

@@ -59,8 +59,13 @@ def prepare_split(cfg: TrainConfig, run_dir: Path, facts: dict | None = None) ->
         keep = {(s.dataset, s.file) for s in everything.samples}
         split = [side for s, side in zip(samples, split) if (s.dataset, s.file) in keep]
     else:
-        found = D.discover(Path(cfg.data), cfg.classes, Path(cfg.manifest) if cfg.manifest else None, cfg.max_per_class,
-                           Path(cfg.radiologist_labels) if cfg.radiologist_labels else None)
+        found = D.discover(
+            Path(cfg.data),
+            cfg.classes,
+            Path(cfg.manifest) if cfg.manifest else None,
+            cfg.max_per_class,
+            Path(cfg.radiologist_labels) if cfg.radiologist_labels else None,
+        )
         cfg.manifest = str(found.manifest) if found.manifest else None
         cfg.radiologist_labels = str(found.radiologist_labels) if found.radiologist_labels else None
         cfg.synthetic_demo = cfg.synthetic_demo or found.synthetic
@@ -72,7 +77,9 @@ def prepare_split(cfg: TrainConfig, run_dir: Path, facts: dict | None = None) ->
         split = D.stratified_patient_split(everything.samples, cfg.val_fraction, cfg.seed)
         if cfg.site_check_class and cfg.extra_data and cfg.site_check_class in cfg.classes:
             label = cfg.classes.index(cfg.site_check_class)
-            split = D.move_patients_to_validation(everything.samples, split, lambda s: s.dataset != "" and s.label == label)
+            split = D.move_patients_to_validation(
+                everything.samples, split, lambda s: s.dataset != "" and s.label == label
+            )
         D.write_split(split_path, everything.samples, split, cfg.classes)
         with open(run_dir / RunDir.SKIPPED, "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -84,21 +91,34 @@ def prepare_split(cfg: TrainConfig, run_dir: Path, facts: dict | None = None) ->
     dropped = training_exclusions(cfg, everything.samples)
     if dropped.any():
         removed = Counter(cfg.classes[s.label] for s, d, v in zip(everything.samples, dropped, is_val) if d and not v)
-        log.info("label cleaning (%s%s): %d training images leave training: %s", cfg.label_policy,
-                 f", --exclude {Path(cfg.exclude).name}" if cfg.exclude else "", sum(removed.values()), dict(removed))
+        log.info(
+            "label cleaning (%s%s): %d training images leave training: %s",
+            cfg.label_policy,
+            f", --exclude {Path(cfg.exclude).name}" if cfg.exclude else "",
+            sum(removed.values()),
+            dict(removed),
+        )
     train_set, val_set = subset(everything, ~is_val & ~dropped), subset(everything, is_val)
     if facts is not None:
         removed = [s for s, d, v in zip(everything.samples, dropped, is_val) if d and not v]
-        facts.update({
-            "label_policy": cfg.label_policy, "exclude": Path(cfg.exclude).name if cfg.exclude else None,
-            "radiologist_labels": Path(cfg.radiologist_labels).name if cfg.radiologist_labels else None,
-            "removed_from_training": dict(Counter(cfg.classes[s.label] for s in removed)),
-            "extra_data": [Path(e).name for e in cfg.extra_data],
-            "site_check": (f"all {cfg.site_check_class} images of {', '.join(Path(e).name for e in cfg.extra_data)} "
-                           "(and their patients) are in validation only") if cfg.site_check_class and cfg.extra_data else None,
-            "train": _counts(train_set, cfg.classes), "val": _counts(val_set, cfg.classes),
-            "val_contradicted": int(sum(s.contradicted for s in val_set.samples)),
-        })
+        facts.update(
+            {
+                "label_policy": cfg.label_policy,
+                "exclude": Path(cfg.exclude).name if cfg.exclude else None,
+                "radiologist_labels": Path(cfg.radiologist_labels).name if cfg.radiologist_labels else None,
+                "removed_from_training": dict(Counter(cfg.classes[s.label] for s in removed)),
+                "extra_data": [Path(e).name for e in cfg.extra_data],
+                "site_check": (
+                    f"all {cfg.site_check_class} images of {', '.join(Path(e).name for e in cfg.extra_data)} "
+                    "(and their patients) are in validation only"
+                )
+                if cfg.site_check_class and cfg.extra_data
+                else None,
+                "train": _counts(train_set, cfg.classes),
+                "val": _counts(val_set, cfg.classes),
+                "val_contradicted": int(sum(s.contradicted for s in val_set.samples)),
+            }
+        )
     return train_set, val_set
 
 
@@ -116,8 +136,10 @@ def training_exclusions(cfg: TrainConfig, samples: list[D.Sample]) -> np.ndarray
     out = np.zeros(len(samples), dtype=bool)
     if cfg.label_policy == "drop_contradicted":
         if not any(s.radiologist for s in samples):
-            raise FileNotFoundError("--label-policy drop_contradicted needs radiologist labels: DATA/"
-                                    f"{D.RADIOLOGIST_FILE} or --radiologist-labels CSV (columns file, rsna_verdict)")
+            raise FileNotFoundError(
+                "--label-policy drop_contradicted needs radiologist labels: DATA/"
+                f"{D.RADIOLOGIST_FILE} or --radiologist-labels CSV (columns file, rsna_verdict)"
+            )
         out |= np.array([s.contradicted for s in samples], dtype=bool)
     if cfg.exclude:
         listed = read_exclusions(Path(cfg.exclude))
@@ -170,7 +192,9 @@ def augment(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -
         sx, sy = uniform(1 - cfg.crop, 1.0), uniform(1 - cfg.crop, 1.0)  # the share of each side a crop keeps
         tx, ty = tx + uniform(-1, 1) * (1 - sx), ty + uniform(-1, 1) * (1 - sy)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * sx * flip, -sin * sy, tx], 1), torch.stack([sin * sx * flip, cos * sy, ty], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos * sx * flip, -sin * sy, tx], 1), torch.stack([sin * sx * flip, cos * sy, ty], 1)], 1
+    )
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.contrast > 0:
@@ -219,7 +243,9 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
+def predict_logits(
+    model: torch.nn.Module, images: np.ndarray, batch_size: int = 64, device: torch.device | None = None
+) -> np.ndarray:
     """Logits for uint8 [N,S,S] images: the evaluation path (no augmentation)."""
     device = device or next(model.parameters()).device
     model.eval()
@@ -250,25 +276,41 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
     train_set, val_set = prepare_split(cfg, run_dir, facts)
     cfg.save(run / RunDir.CONFIG)
     run.write_json(RunDir.DATA, facts)
-    log.info("run %s: %s, %d train / %d val images, image size %d, device %s, %d CPU threads", run_dir, cfg.architecture,
-             len(train_set.labels), len(val_set.labels), cfg.image_size, device, torch.get_num_threads())
-    log.info("train class counts %s; val class counts %s", np.bincount(train_set.labels, minlength=len(cfg.classes)).tolist(),
-             np.bincount(val_set.labels, minlength=len(cfg.classes)).tolist())
+    log.info(
+        "run %s: %s, %d train / %d val images, image size %d, device %s, %d CPU threads",
+        run_dir,
+        cfg.architecture,
+        len(train_set.labels),
+        len(val_set.labels),
+        cfg.image_size,
+        device,
+        torch.get_num_threads(),
+    )
+    log.info(
+        "train class counts %s; val class counts %s",
+        np.bincount(train_set.labels, minlength=len(cfg.classes)).tolist(),
+        np.bincount(val_set.labels, minlength=len(cfg.classes)).tolist(),
+    )
     if cfg.synthetic_demo:
         log.warning("SYNTHETIC DEMO DATA: phantoms from `cxr demo-data`; the model is a demo, not a medical model")
     if cfg.weights == "none":
         log.info("Training FROM SCRATCH: no pretrained weights (--weights none); every layer starts random")
     else:
-        log.info("Transfer learning from %s weights: head only for %d epoch(s), then top %s backbone block(s)",
-                 cfg.weights, cfg.frozen_epochs, "all" if cfg.fine_tune_layers is None else cfg.fine_tune_layers)
+        log.info(
+            "Transfer learning from %s weights: head only for %d epoch(s), then top %s backbone block(s)",
+            cfg.weights,
+            cfg.frozen_epochs,
+            "all" if cfg.fine_tune_layers is None else cfg.fine_tune_layers,
+        )
 
     model = build_model(cfg.architecture, len(cfg.classes), cfg.weights, cfg.dropout).to(device)
     if model.pretrained:
         run.write_json(RunDir.PRETRAINED, model.pretrained)
     optimizer, max_lrs = _optimizer(model, cfg)
     steps_per_epoch = max(1, math.ceil(len(train_set.labels) / cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=cfg.epochs * steps_per_epoch,
-                                                    pct_start=0.15)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max_lrs, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
     # The moving average of the weights is what gets validated and kept: on a few hundred images the raw weights'
     # validation AUC swings by several points from epoch to epoch, and picking the best of those swings is luck.
     ema = _ema_model(model, cfg.ema_decay)
@@ -289,8 +331,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         if state["total_steps"] == cfg.epochs * steps_per_epoch:
             scheduler.load_state_dict(state["scheduler"])
         else:  # more epochs asked for: continue on a fresh schedule over the remaining epochs
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, pct_start=0.15,
-                                                            total_steps=max(1, cfg.epochs - start_epoch) * steps_per_epoch)
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=max_lrs,
+                pct_start=0.15,
+                total_steps=max(1, cfg.epochs - start_epoch) * steps_per_epoch,
+            )
         log.info("resumed from %s after epoch %d (best val macro AUC %.4f)", last_path, start_epoch, best_auc)
 
     from tqdm import tqdm
@@ -300,13 +346,19 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
     cut, cache_seconds = frozen_cut(model, cfg), 0.0
     if cut is not None:
         t0 = time.perf_counter()
-        train_cache = [_bottom_features(model, cut, train_set.images, cfg, view, torch.float16)
-                       for view in range(cfg.cache_views)]
+        train_cache = [
+            _bottom_features(model, cut, train_set.images, cfg, view, torch.float16) for view in range(cfg.cache_views)
+        ]
         val_cache = _bottom_features(model, cut, val_set.images, cfg, None, torch.float32)
         cache_seconds = time.perf_counter() - t0
-        log.info("cached the output of the %d frozen backbone blocks for %d augmented views of the training images and "
-                 "for validation: %.0f s, %.0f MB", cut, cfg.cache_views, cache_seconds,
-                 sum(c.numel() * c.element_size() for c in [*train_cache, val_cache]) / 2**20)
+        log.info(
+            "cached the output of the %d frozen backbone blocks for %d augmented views of the training images and "
+            "for validation: %.0f s, %.0f MB",
+            cut,
+            cfg.cache_views,
+            cache_seconds,
+            sum(c.numel() * c.element_size() for c in [*train_cache, val_cache]) / 2**20,
+        )
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
             log.info("early stopping: no better validation macro AUC for %d epochs", stale)
@@ -318,8 +370,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         order = torch.randperm(len(train_y), generator=generator)
         seen, loss_sum, correct = 0, 0.0, 0
         t0 = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"{cfg.architecture} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   mininterval=5, leave=False)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{cfg.architecture} epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            mininterval=5,
+            leave=False,
+        )
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a batch of one
@@ -348,8 +405,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         else:
             kept.eval()
             with torch.no_grad():
-                val_logits = torch.cat([_top_logits(kept, cut, val_cache[i : i + 64].to(device))
-                                        for i in range(0, len(val_cache), 64)]).cpu().numpy()
+                val_logits = (
+                    torch.cat(
+                        [_top_logits(kept, cut, val_cache[i : i + 64].to(device)) for i in range(0, len(val_cache), 64)]
+                    )
+                    .cpu()
+                    .numpy()
+                )
         val_t = torch.from_numpy(val_logits)
         val_y = torch.from_numpy(val_set.labels)
         val_loss = float(F.cross_entropy(val_t, val_y, weight=weight.cpu() if weight is not None else None))
@@ -374,21 +436,49 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             torch.save({"model": kept.state_dict(), "epoch": epoch + 1, "val_macro_auc": auc}, run / RunDir.BEST)
         else:
             stale += 1
-        log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro AUC %.4f%s | %.1f images/s, %.0f s",
-                 epoch + 1, cfg.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
-                 record["val_accuracy"], record["val_macro_auc"], " (best)" if stale == 0 else "",
-                 record["train_images_per_second"], record["epoch_seconds"])
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "total_steps": scheduler.total_steps, "history": history, "best_auc": best_auc, "stale": stale,
-                    "epoch": epoch + 1, "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, last_path)
+        log.info(
+            "epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro AUC %.4f%s | %.1f images/s, %.0f s",
+            epoch + 1,
+            cfg.epochs,
+            record["train_loss"],
+            record["train_accuracy"],
+            record["val_loss"],
+            record["val_accuracy"],
+            record["val_macro_auc"],
+            " (best)" if stale == 0 else "",
+            record["train_images_per_second"],
+            record["epoch_seconds"],
+        )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "total_steps": scheduler.total_steps,
+                "history": history,
+                "best_auc": best_auc,
+                "stale": stale,
+                "epoch": epoch + 1,
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            last_path,
+        )
         run.write_json(RunDir.HISTORY, history, indent=1)
         if stop_after is not None and epoch + 1 - start_epoch >= stop_after:
             log.info("stopping after %d epoch(s) as asked; resume with the same command", stop_after)
             break
-    summary = {"run_dir": str(run_dir), "architecture": cfg.architecture, "best_val_macro_auc": best_auc,
-               "epochs_run": len(history), "wall_seconds": sum(h["epoch_seconds"] for h in history)}
-    log.info("done: best validation macro AUC %.4f after %d epochs, %.0f s", best_auc, len(history), summary["wall_seconds"])
+    summary = {
+        "run_dir": str(run_dir),
+        "architecture": cfg.architecture,
+        "best_val_macro_auc": best_auc,
+        "epochs_run": len(history),
+        "wall_seconds": sum(h["epoch_seconds"] for h in history),
+    }
+    log.info(
+        "done: best validation macro AUC %.4f after %d epochs, %.0f s", best_auc, len(history), summary["wall_seconds"]
+    )
     return summary
 
 

@@ -54,8 +54,13 @@ def _default_text(info) -> str:
     return str(value)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type[BaseSettings], *,
-                           flags: Mapping[str, str] | None = None, exclude: Iterable[str] = ()) -> None:
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    settings_class: type[BaseSettings],
+    *,
+    flags: Mapping[str, str] | None = None,
+    exclude: Iterable[str] = (),
+) -> None:
     """Add one flag per field of `settings_class` (except `exclude`, e.g. secrets that must not appear in a
     process listing). `flags` renames a field's flag (field -> "--flag"); the dest is always the field name."""
     flags = dict(flags or {})
@@ -81,8 +86,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
             if name.endswith("_s"):
                 kwargs["metavar"] = "SECONDS"
         else:
-            raise TypeError(f"{settings_class.__name__}.{name}: no flag for type {annotation!r}; exclude it or "
-                            "extend services/common/cli.py")
+            raise TypeError(
+                f"{settings_class.__name__}.{name}: no flag for type {annotation!r}; exclude it or "
+                "extend services/common/cli.py"
+            )
         parser.add_argument(flags.get(name, flag_name(name)), **kwargs)
 
 
@@ -93,8 +100,11 @@ def settings_from_args(settings_class: type[BaseSettings], args: argparse.Namesp
 
 
 def add_port_file_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port-file", help="write 'GRPC_PORT METRICS_PORT HTTP_PORT' here once serving (with port 0: "
-                                            "the ports picked; -1: off); for tests and scripts")
+    parser.add_argument(
+        "--port-file",
+        help="write 'GRPC_PORT METRICS_PORT HTTP_PORT' here once serving (with port 0: "
+        "the ports picked; -1: off); for tests and scripts",
+    )
 
 
 def run_service(serve: Callable[..., Awaitable[None]], settings: BaseSettings, port_file: str | None = None) -> int:
@@ -109,6 +119,7 @@ def run_service(serve: Callable[..., Awaitable[None]], settings: BaseSettings, p
     async def main() -> None:
         started = asyncio.get_running_loop().create_future()
         if port_file:
+
             def write_ports(future: asyncio.Future) -> None:
                 if not future.cancelled() and future.exception() is None:
                     tmp = Path(port_file + ".tmp")

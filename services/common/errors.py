@@ -78,6 +78,7 @@ def aborts_on_error(method):
     call with its code and message; any other exception is a bug of ours, logged with its trace and answered
     INTERNAL (the message never quotes the request). Aborts the method made itself pass through unchanged."""
     if inspect.isasyncgenfunction(method):
+
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
@@ -87,6 +88,7 @@ def aborts_on_error(method):
                 raise
             except Exception as e:
                 await _abort(context, e, method)
+
         return stream
 
     @functools.wraps(method)
@@ -97,6 +99,7 @@ def aborts_on_error(method):
             raise
         except Exception as e:
             await _abort(context, e, method)
+
     return unary
 
 

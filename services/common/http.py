@@ -47,8 +47,18 @@ async def read_body(request, limit: int) -> bytes:
 class HttpServer:
     """uvicorn serving `app` on HOST:PORT in the running loop. `await start()` returns the bound port."""
 
-    def __init__(self, app, host: str, port: int, *, name: str, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, tls_client_ca: Path | None = None, grace_period_s: float = 5.0):
+    def __init__(
+        self,
+        app,
+        host: str,
+        port: int,
+        *,
+        name: str,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_client_ca: Path | None = None,
+        grace_period_s: float = 5.0,
+    ):
         import uvicorn
 
         self.name = name
@@ -61,8 +71,15 @@ class HttpServer:
                 options.update(ssl_ca_certs=str(tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
         # lifespan off: the service starts and stops its own parts; access log off: the service logs one
         # PHI-free line per request itself (a URL's query could carry anything a client put there).
-        self.config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, server_header=False,
-                                     timeout_graceful_shutdown=max(1, int(grace_period_s)), **options)
+        self.config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=max(1, int(grace_period_s)),
+            **options,
+        )
         self.server = uvicorn.Server(self.config)
         self._socket: socket.socket | None = None
         self._main: asyncio.Task | None = None
@@ -105,15 +122,19 @@ async def start_http(app, settings, *, name: str, env: str, tls: bool = False) -
     `tls`; a port that cannot be bound is a SystemExit naming the flag and the variable `env` to change."""
     if settings.http_port < 0:
         return None
-    files = {"tls_cert": settings.tls_cert, "tls_key": settings.tls_key,
-             "tls_client_ca": settings.tls_client_ca} if tls else {}
+    files = (
+        {"tls_cert": settings.tls_cert, "tls_key": settings.tls_key, "tls_client_ca": settings.tls_client_ca}
+        if tls
+        else {}
+    )
     grace = getattr(settings, "grace_period_s", None) or getattr(settings, "shutdown_grace_s", 5.0)
     server = HttpServer(app, settings.host, settings.http_port, name=name, grace_period_s=grace, **files)
     try:
         await server.start()
     except OSError as e:
-        raise SystemExit(f"cannot serve HTTP on {settings.host}:{settings.http_port}: {e} "
-                         f"(--http-port / {env}; -1 turns it off)") from None
+        raise SystemExit(
+            f"cannot serve HTTP on {settings.host}:{settings.http_port}: {e} (--http-port / {env}; -1 turns it off)"
+        ) from None
     return server
 
 
@@ -147,8 +168,13 @@ def internal_error_handler(logger):
     from starlette.responses import JSONResponse
 
     async def handle(request, exc):
-        logger.error("internal error in %s %s: %s", request.method, request.scope.get("route").path
-                     if request.scope.get("route") else "?", type(exc).__name__, exc_info=exc)
+        logger.error(
+            "internal error in %s %s: %s",
+            request.method,
+            request.scope.get("route").path if request.scope.get("route") else "?",
+            type(exc).__name__,
+            exc_info=exc,
+        )
         return JSONResponse({"error": "internal error in the server; see its log"}, status_code=500)
 
     return handle

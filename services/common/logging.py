@@ -17,9 +17,25 @@ import time
 # The fields a request log line may carry; all are values our own code computes, or the caller's request id.
 REQUEST_FIELDS = frozenset(
     {
-        "request_id", "method", "model", "version", "code", "reason", "format", "input_bytes",
-        "width", "height", "decode_ms", "preprocess_ms", "upstream_ms", "total_ms", "top_class", "notices",
-        "heatmap", "peer_tls", "attempts",
+        "request_id",
+        "method",
+        "model",
+        "version",
+        "code",
+        "reason",
+        "format",
+        "input_bytes",
+        "width",
+        "height",
+        "decode_ms",
+        "preprocess_ms",
+        "upstream_ms",
+        "total_ms",
+        "top_class",
+        "notices",
+        "heatmap",
+        "peer_tls",
+        "attempts",
     }
 )
 _REQUEST_ID_ALLOWED = re.compile(r"[^A-Za-z0-9._:@/+=-]")

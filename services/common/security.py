@@ -76,8 +76,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     `only`: the full method names that need a token (None: every method that is not exempt). Each refusal is
     logged with the method and the peer address (never the token) and reported to `on_refused(method)`."""
 
-    def __init__(self, tokens: Iterable[str], exempt_prefixes: tuple[str, ...] = (HEALTH_PREFIX,), *,
-                 only: Iterable[str] | None = None, on_refused: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        tokens: Iterable[str],
+        exempt_prefixes: tuple[str, ...] = (HEALTH_PREFIX,),
+        *,
+        only: Iterable[str] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ):
         self._tokens = [t.encode() for t in tokens]
         if not self._tokens:
             raise ValueError("token authentication needs at least one token")
@@ -129,12 +135,16 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _refusing(self, handler: grpc.RpcMethodHandler, method: str, problem: str) -> grpc.RpcMethodHandler:
         """A handler of the same shape as `handler` that answers UNAUTHENTICATED without reading the request."""
+
         async def refuse(request_or_iterator, context):
             self._report(method, context.peer(), problem)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"{problem} bearer token (metadata 'authorization: Bearer <token>')")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"{problem} bearer token (metadata 'authorization: Bearer <token>')"
+            )
 
-        kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        kwargs = dict(
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
         if handler.unary_stream:

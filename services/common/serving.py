@@ -30,15 +30,22 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 
-def create_server(max_message_bytes: int, *, max_send_bytes: int | None = None,
-                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+def create_server(
+    max_message_bytes: int,
+    *,
+    max_send_bytes: int | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> grpc.aio.Server:
     """A grpc.aio server with message size limits on both directions (`max_send_bytes` when the answers may be
     larger than the requests) and `interceptors` (e.g. token authentication), which grpc.aio takes only here."""
-    return grpc.aio.server(interceptors=list(interceptors), options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_send_bytes or max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-    ])
+    return grpc.aio.server(
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_send_bytes or max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ],
+    )
 
 
 STARTING, SERVING, DRAINING, STOPPING, STOPPED = "starting", "serving", "draining", "stopping", "stopped"
@@ -127,7 +134,8 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
     return Lifecycle(health, service_names)
 
 
@@ -164,12 +172,18 @@ async def serve_until_terminated(
     if drain_delay_s > 0:
         await asyncio.sleep(drain_delay_s)
     await lifecycle.to(STOPPING)
-    log.info("shutting down: refusing new requests; %d accepted ones get up to %.1f s to finish",
-             lifecycle.in_flight, grace_period_s)
+    log.info(
+        "shutting down: refusing new requests; %d accepted ones get up to %.1f s to finish",
+        lifecycle.in_flight,
+        grace_period_s,
+    )
     drained_at = time.monotonic()
     if not await lifecycle.idle(grace_period_s):
-        log.warning("grace period of %.1f s ran out with %d requests still running: they are cancelled",
-                    grace_period_s, lifecycle.in_flight)
+        log.warning(
+            "grace period of %.1f s ran out with %d requests still running: they are cancelled",
+            grace_period_s,
+            lifecycle.in_flight,
+        )
     # calls that are no requests (health, metadata) get what is left of the grace period
     await server.stop(max(0.0, grace_period_s - (time.monotonic() - drained_at)))
     await lifecycle.to(STOPPED)

@@ -19,7 +19,9 @@ SECRETS = ("gateway_token", "dicomweb_token")  # environment only: a flag would 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser, DicomSettings, flags=FLAGS, exclude=SECRETS)
-    parser.add_argument("--port-file", help="write 'DICOM_PORT METRICS_PORT' here once listening (for tests and scripts)")
+    parser.add_argument(
+        "--port-file", help="write 'DICOM_PORT METRICS_PORT' here once listening (for tests and scripts)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,9 @@ from services.dicom.writers import Classification
 # multi_frame, too_large, ...; its input gate: not_radiograph, not_chest, lateral_view, out_of_distribution).
 REFUSAL = re.compile(r"^image refused \(([a-z0-9_]{1,40})\)")
 # Codes worth waiting for: the gateway or its upstream is down, busy or slow. Retried for as long as it takes.
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+TRANSIENT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
@@ -64,8 +66,12 @@ class GatewayClient:
 
     def classify(self, data: bytes, request_id: str, identifiers: pb.StudyIdentifiers) -> Classification:
         request = pb.ClassifyRequest(
-            image=data, format=pb.IMAGE_FORMAT_DICOM, model_name=self.settings.model,
-            model_version=self.settings.model_version, request_id=request_id, identifiers=identifiers,
+            image=data,
+            format=pb.IMAGE_FORMAT_DICOM,
+            model_name=self.settings.model,
+            model_version=self.settings.model_version,
+            request_id=request_id,
+            identifiers=identifiers,
             return_heatmap=self.settings.heatmap,
         )
         try:
@@ -73,14 +79,22 @@ class GatewayClient:
         except grpc.RpcError as exc:
             code = exc.code()
             reason = refusal_reason(code, exc.details() or "")
-            raise ClassifyFailure(code=code.name, reason=reason or code.name.lower(), refused=reason is not None,
-                                  transient=code in TRANSIENT) from None
+            raise ClassifyFailure(
+                code=code.name,
+                reason=reason or code.name.lower(),
+                refused=reason is not None,
+                transient=code in TRANSIENT,
+            ) from None
         return Classification(
-            model_name=response.model_name, model_version=response.model_version, model_sha256=response.model_sha256,
+            model_name=response.model_name,
+            model_version=response.model_version,
+            model_sha256=response.model_sha256,
             classes=[(c.label, float(c.probability)) for c in response.classes],
-            top_class=response.top_class, top_probability=float(response.top_probability),
+            top_class=response.top_class,
+            top_probability=float(response.top_probability),
             indeterminate=response.indeterminate,  # below the model's operating point: the SR says so
-            heatmap_png=bytes(response.heatmap.png), notices=list(response.notices),
+            heatmap_png=bytes(response.heatmap.png),
+            notices=list(response.notices),
         )
 
     def close(self) -> None:

@@ -29,10 +29,24 @@ from services.dicom.writers import SC_SERIES_NUMBER, SR_SERIES_NUMBER, build_sc,
 log = logging.getLogger("cxr.dicom")
 
 # What an instance's log line may carry: our own values and the hashed instance key only (PHI safety by allow-list).
-INSTANCE_FIELDS = frozenset({
-    "instance", "outcome", "reason", "model", "version", "top_class", "objects", "destinations", "attempts",
-    "e2e_ms", "classify_ms", "retry_in_s", "calling_ae", "stage",
-})
+INSTANCE_FIELDS = frozenset(
+    {
+        "instance",
+        "outcome",
+        "reason",
+        "model",
+        "version",
+        "top_class",
+        "objects",
+        "destinations",
+        "attempts",
+        "e2e_ms",
+        "classify_ms",
+        "retry_in_s",
+        "calling_ae",
+        "stage",
+    }
+)
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
@@ -139,10 +153,19 @@ class DicomNode:
             worker.start()
             self._workers.append(worker)
         self._server = self._application_entity().start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=self._handlers())
+            (self.settings.host, self.settings.port), block=False, evt_handlers=self._handlers()
+        )
         port = self._server.server_address[1]
-        log.info("listening", extra={"fields": {"port": port, "ae_title": self.settings.ae_title,
-                                                "destinations": [s.name for s in self.senders]}})
+        log.info(
+            "listening",
+            extra={
+                "fields": {
+                    "port": port,
+                    "ae_title": self.settings.ae_title,
+                    "destinations": [s.name for s in self.senders],
+                }
+            },
+        )
         return port
 
     def stop(self, grace_s: float = 10.0) -> None:
@@ -223,8 +246,10 @@ class DicomNode:
         data = path.read_bytes()
         source = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
         identifiers = pb.StudyIdentifiers(
-            study_instance_uid=str(source.get("StudyInstanceUID", "")), series_instance_uid=str(source.get("SeriesInstanceUID", "")),
-            sop_instance_uid=str(source.get("SOPInstanceUID", "")))
+            study_instance_uid=str(source.get("StudyInstanceUID", "")),
+            series_instance_uid=str(source.get("SeriesInstanceUID", "")),
+            sop_instance_uid=str(source.get("SOPInstanceUID", "")),
+        )
         if self._is_own_result(source):  # a PACS that routes every new instance to us sends our results back
             self._classify_failed(key, ClassifyFailure("OK", "own_result", refused=True, transient=False))
             return
@@ -243,17 +268,26 @@ class DicomNode:
         sc = build_sc(source, result, self.settings.manufacturer)
         if sc is not None:
             objects["sc.dcm"] = encode(sc)
-        state = OutboxState(received_at=self.spool.received_at(key), pending=[s.name for s in self.senders],
-                            summary={"model": result.model_name, "version": result.model_version,
-                                     "top_class": result.top_class, "classify_ms": classify_ms})
+        state = OutboxState(
+            received_at=self.spool.received_at(key),
+            pending=[s.name for s in self.senders],
+            summary={
+                "model": result.model_name,
+                "version": result.model_version,
+                "top_class": result.top_class,
+                "classify_ms": classify_ms,
+            },
+        )
         self.spool.commit_results(key, objects, state)
         self.metrics.results_created.inc()
         self._deliver(key)
 
     def _is_own_result(self, source: pydicom.Dataset) -> bool:
-        return (str(source.get("Manufacturer", "")) == self.settings.manufacturer
-                and source.get("SeriesNumber") in (SR_SERIES_NUMBER, SC_SERIES_NUMBER)
-                and str(source.get("SOPClassUID", "")) in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage))
+        return (
+            str(source.get("Manufacturer", "")) == self.settings.manufacturer
+            and source.get("SeriesNumber") in (SR_SERIES_NUMBER, SC_SERIES_NUMBER)
+            and str(source.get("SOPClassUID", "")) in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage)
+        )
 
     def _classify_failed(self, key: str, failure: ClassifyFailure) -> None:
         if failure.refused:
@@ -266,15 +300,29 @@ class DicomNode:
         self._classify_attempts[key] = attempts
         if not failure.transient and attempts >= self.settings.classify_attempts:
             self._classify_attempts.pop(key, None)
-            self.spool.to_dead_letter(key, {"stage": "classify", "code": failure.code, "reason": failure.reason,
-                                            "attempts": attempts})
+            self.spool.to_dead_letter(
+                key, {"stage": "classify", "code": failure.code, "reason": failure.reason, "attempts": attempts}
+            )
             self.metrics.dead_letters.labels("classify").inc()
-            log_instance(logging.ERROR, "instance", instance=key[:16], outcome="dead_letter", stage="classify",
-                         reason=failure.reason, attempts=attempts)
+            log_instance(
+                logging.ERROR,
+                "instance",
+                instance=key[:16],
+                outcome="dead_letter",
+                stage="classify",
+                reason=failure.reason,
+                attempts=attempts,
+            )
             return
         delay = self._backoff(attempts)
-        log_instance(logging.WARNING, "classify failed", instance=key[:16], reason=failure.reason, attempts=attempts,
-                     retry_in_s=delay)
+        log_instance(
+            logging.WARNING,
+            "classify failed",
+            instance=key[:16],
+            reason=failure.reason,
+            attempts=attempts,
+            retry_in_s=delay,
+        )
         self.queue.put(key, delay)
 
     def _deliver(self, key: str) -> None:
@@ -302,21 +350,46 @@ class DicomNode:
             self.spool.finish(key)
             e2e = max(0.0, time.time() - state.received_at)
             self.metrics.end_to_end_seconds.observe(e2e)
-            log_instance(logging.INFO, "instance", instance=key[:16], outcome="stored", model=summary.get("model"),
-                         version=summary.get("version"), top_class=summary.get("top_class"), objects=len(objects),
-                         destinations=len(state.delivered), classify_ms=summary.get("classify_ms"), e2e_ms=round(1e3 * e2e, 1))
+            log_instance(
+                logging.INFO,
+                "instance",
+                instance=key[:16],
+                outcome="stored",
+                model=summary.get("model"),
+                version=summary.get("version"),
+                top_class=summary.get("top_class"),
+                objects=len(objects),
+                destinations=len(state.delivered),
+                classify_ms=summary.get("classify_ms"),
+                e2e_ms=round(1e3 * e2e, 1),
+            )
             return
         attempts = max(state.attempts.get(name, 0) for name in state.pending)
         if attempts >= self.settings.send_attempts:
             reasons = {name: state.errors.get(name, "") for name in state.pending}
-            self.spool.to_dead_letter(key, {"stage": "send", "failed": reasons, "delivered": state.delivered,
-                                            "attempts": attempts})
+            self.spool.to_dead_letter(
+                key, {"stage": "send", "failed": reasons, "delivered": state.delivered, "attempts": attempts}
+            )
             self.metrics.dead_letters.labels("send").inc()
-            log_instance(logging.ERROR, "instance", instance=key[:16], outcome="dead_letter", stage="send",
-                         reason=",".join(sorted(set(reasons.values()))), attempts=attempts, destinations=len(state.delivered))
+            log_instance(
+                logging.ERROR,
+                "instance",
+                instance=key[:16],
+                outcome="dead_letter",
+                stage="send",
+                reason=",".join(sorted(set(reasons.values()))),
+                attempts=attempts,
+                destinations=len(state.delivered),
+            )
             return
         self.spool.write_state(key, state)
         delay = self._backoff(attempts)
-        log_instance(logging.WARNING, "send failed", instance=key[:16], attempts=attempts, retry_in_s=delay,
-                     reason=",".join(sorted({state.errors.get(n, "") for n in state.pending})))
+        log_instance(
+            logging.WARNING,
+            "send failed",
+            instance=key[:16],
+            attempts=attempts,
+            retry_in_s=delay,
+            reason=",".join(sorted({state.errors.get(n, "") for n in state.pending})),
+        )
         self.queue.put(key, delay)

@@ -91,7 +91,9 @@ class StowSender:
         }
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(f"{self.base_url}/studies/{study}", data=bytes(body), headers=headers, method="POST")
+        request = urllib.request.Request(
+            f"{self.base_url}/studies/{study}", data=bytes(body), headers=headers, method="POST"
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
                 answer = reply.read()

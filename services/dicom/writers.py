@@ -60,8 +60,17 @@ class ResultUIDs:
 
 
 # Type 2 attributes of the patient and study modules that the result objects copy: present (maybe empty) in the copy
-TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
-         "AccessionNumber", "ReferringPhysicianName")
+TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 
 
 def evidence_header(source: Dataset) -> Dataset:
@@ -99,7 +108,11 @@ def class_code(label: str):
     """The coded concept of a class label in our private scheme (code values are at most 16 characters)."""
     from highdicom.sr import CodedConcept
 
-    value = label if len(label) <= 16 and label.isascii() and "\\" not in label else "C" + hashlib.sha1(label.encode()).hexdigest()[:15]
+    value = (
+        label
+        if len(label) <= 16 and label.isascii() and "\\" not in label
+        else "C" + hashlib.sha1(label.encode()).hexdigest()[:15]
+    )
     return CodedConcept(value=value, scheme_designator=SCHEME, meaning=label[:64])
 
 
@@ -123,8 +136,11 @@ def _equipment(result: Classification, uids: ResultUIDs, manufacturer: str, soft
         manufacturer=manufacturer,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=result.model_name[:64],
-        software_versions=[software[:64], f"model {result.model_name} {result.model_version}"[:64],
-                           *([result.model_sha256] if result.model_sha256 else [])],
+        software_versions=[
+            software[:64],
+            f"model {result.model_name} {result.model_version}"[:64],
+            *([result.model_sha256] if result.model_sha256 else []),
+        ],
         contribution_description=f"AI classification, {NOT_FOR_CLINICAL_USE.lower()}",
     )
     item.DeviceUID = uids.device
@@ -162,40 +178,63 @@ def build_sr(source: Dataset, result: Classification, manufacturer: str = "cxr")
     uids = result_uids(source, result.model_identity)
     software = _software()
     algorithm = AlgorithmIdentification(
-        name=result.model_name[:64], version=result.model_version or "-",
-        parameters=[f"sha256={result.model_sha256}"] if result.model_sha256 else None, manufacturer=manufacturer)
+        name=result.model_name[:64],
+        version=result.model_version or "-",
+        parameters=[f"sha256={result.model_sha256}"] if result.model_sha256 else None,
+        manufacturer=manufacturer,
+    )
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=uids.device, name=f"{result.model_name} {result.model_version}"[:64], manufacturer_name=manufacturer,
-            model_name=result.model_name[:64]))
+            uid=uids.device,
+            name=f"{result.model_name} {result.model_version}"[:64],
+            manufacturer_name=manufacturer,
+            model_name=result.model_name[:64],
+        ),
+    )
     source_image = [SourceImageForMeasurementGroup.from_source_image(source)]
     finding = _concept(*INDETERMINATE) if result.indeterminate else class_code(result.top_class)
-    groups = [MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=uids.tracking, identifier="top finding"),
-        finding_type=finding,  # TID 1501 "Finding" (DCM 121071)
-        algorithm_id=algorithm,
-        qualitative_evaluations=[QualitativeEvaluation(name=_concept(*INTENDED_USE), value=_concept(*RESEARCH_ONLY))],
-        source_images=source_image,
-    )]
-    for index, (label, probability) in enumerate(result.classes):
-        groups.append(MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=f"{uids.tracking}.{index + 1}", identifier=f"probability of {label}"[:64]),
-            finding_type=class_code(label),
+    groups = [
+        MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=uids.tracking, identifier="top finding"),
+            finding_type=finding,  # TID 1501 "Finding" (DCM 121071)
             algorithm_id=algorithm,
-            measurements=[Measurement(name=codes.DCM.Probability, value=float(probability), unit=codes.UCUM.NoUnits)],
+            qualitative_evaluations=[
+                QualitativeEvaluation(name=_concept(*INTENDED_USE), value=_concept(*RESEARCH_ONLY))
+            ],
             source_images=source_image,
-        ))
+        )
+    ]
+    for index, (label, probability) in enumerate(result.classes):
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=f"{uids.tracking}.{index + 1}", identifier=f"probability of {label}"[:64]
+                ),
+                finding_type=class_code(label),
+                algorithm_id=algorithm,
+                measurements=[
+                    Measurement(name=codes.DCM.Probability, value=float(probability), unit=codes.UCUM.NoUnits)
+                ],
+                source_images=source_image,
+            )
+        )
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
         procedure_reported=_concept(*PROCEDURE),
         imaging_measurements=groups,
     )
     sr = Comprehensive3DSR(
-        evidence=[source], content=report[0],
-        series_instance_uid=uids.sr_series, series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=uids.sr_instance, instance_number=int(source.get("InstanceNumber", 1) or 1),
-        manufacturer=manufacturer, is_complete=True, is_final=False, is_verified=False,
+        evidence=[source],
+        content=report[0],
+        series_instance_uid=uids.sr_series,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uids.sr_instance,
+        instance_number=int(source.get("InstanceNumber", 1) or 1),
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
         contributing_equipment=[_equipment(result, uids, manufacturer, software)],
         series_description=f"cxr AI findings - {NOT_FOR_CLINICAL_USE}",
     )
@@ -240,10 +279,18 @@ def build_sc(source: Dataset, result: Classification, manufacturer: str = "cxr")
     orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
     known = len(orientation) == 2 and all(v in ("L", "R", "A", "P", "H", "F") for v in orientation)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", patient_orientation=tuple(orientation) if known else ("L", "F"), series_instance_uid=uids.sc_series, series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=uids.sc_instance, instance_number=int(source.get("InstanceNumber", 1) or 1),
-        manufacturer=manufacturer, transfer_syntax_uid=ExplicitVRLittleEndian,
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        patient_orientation=tuple(orientation) if known else ("L", "F"),
+        series_instance_uid=uids.sc_series,
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=uids.sc_instance,
+        instance_number=int(source.get("InstanceNumber", 1) or 1),
+        manufacturer=manufacturer,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[_equipment(result, uids, manufacturer, _software())],
         series_description=f"cxr AI heatmap - {NOT_FOR_CLINICAL_USE}",
     )

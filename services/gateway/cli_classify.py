@@ -16,10 +16,16 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="DICOM, PNG or JPEG files")
-    parser.add_argument("--server", default=os.environ.get("CXR_SERVER", "localhost:50051"), help="gateway HOST:PORT (env CXR_SERVER; default localhost:50051)")
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("CXR_SERVER", "localhost:50051"),
+        help="gateway HOST:PORT (env CXR_SERVER; default localhost:50051)",
+    )
     parser.add_argument("--model", default="", help="model name (default: the gateway's default model)")
     parser.add_argument("--version", default="", help="model version (default: the newest)")
-    parser.add_argument("--heatmap", type=Path, metavar="OUT.png", help="save the heatmap overlay (several files: OUT-<file>.png)")
+    parser.add_argument(
+        "--heatmap", type=Path, metavar="OUT.png", help="save the heatmap overlay (several files: OUT-<file>.png)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     parser.add_argument("--ca", type=Path, help="CA certificate of the gateway: use TLS")
@@ -65,9 +71,18 @@ def _table(rows: list[tuple[Path, object]]) -> str:
         ood = f"{r.ood_score:.2f}" if r.HasField("ood_score") else "-"
         if r.HasField("ood_threshold"):
             ood += f" (gate {r.ood_threshold:.2f})"
-        lines.append([path.name, r.model_name, r.model_version, "indeterminate" if r.indeterminate else r.top_class,
-                      f"{r.top_class} ({r.top_probability:.3f})",
-                      *[f"{probabilities.get(c, float('nan')):.3f}" for c in classes], ood, f"{r.timings.total_ms:.1f}"])
+        lines.append(
+            [
+                path.name,
+                r.model_name,
+                r.model_version,
+                "indeterminate" if r.indeterminate else r.top_class,
+                f"{r.top_class} ({r.top_probability:.3f})",
+                *[f"{probabilities.get(c, float('nan')):.3f}" for c in classes],
+                ood,
+                f"{r.timings.total_ms:.1f}",
+            ]
+        )
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     out = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in lines]
     notices = sorted({n for _, r in rows for n in r.notices})
@@ -83,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
     from cxr.generated.cxr.v1 import gateway_pb2_grpc as pb_grpc
     from services.common.security import bearer_metadata, channel_credentials
 
-    options = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    options = [
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ]
     if args.ca or args.cert:
         channel = grpc.secure_channel(args.server, channel_credentials(args.ca, args.cert, args.key), options=options)
     else:
@@ -103,8 +121,12 @@ def run(args: argparse.Namespace) -> int:
             results.append({"file": str(path), "error": {"code": "LOCAL", "message": f"cannot read: {exc.strerror}"}})
             continue
         request = pb.ClassifyRequest(
-            image=data, model_name=args.model, model_version=args.version, request_id=uuid.uuid4().hex,
-            identifiers=_identifiers(data), return_heatmap=args.heatmap is not None,
+            image=data,
+            model_name=args.model,
+            model_version=args.version,
+            request_id=uuid.uuid4().hex,
+            identifiers=_identifiers(data),
+            return_heatmap=args.heatmap is not None,
         )
         try:
             response = stub.Classify(request, timeout=args.timeout, metadata=metadata)
@@ -118,8 +140,12 @@ def run(args: argparse.Namespace) -> int:
             out = _heatmap_path(args.heatmap, path, many)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(response.heatmap.png)
-            entry["heatmap"] = {"label": response.heatmap.label, "png_file": str(out),
-                                "height": response.heatmap.height, "width": response.heatmap.width}
+            entry["heatmap"] = {
+                "label": response.heatmap.label,
+                "png_file": str(out),
+                "height": response.heatmap.height,
+                "width": response.heatmap.width,
+            }
         ok.append((path, response))
         results.append(entry)
     channel.close()

@@ -53,7 +53,9 @@ class DecodePool:
             return await asyncio.wrap_future(pool.submit(_decode, data, fmt, self._limits))
         except BrokenProcessPool:
             if self._pool is pool:  # the first request to notice replaces the pool
-                log.error("a decoder worker died: starting a new pool", extra={"fields": {"processes": self._processes}})
+                log.error(
+                    "a decoder worker died: starting a new pool", extra={"fields": {"processes": self._processes}}
+                )
                 self._pool = self._new_pool()
                 pool.shutdown(wait=False, cancel_futures=True)
             raise ImageError(

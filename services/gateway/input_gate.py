@@ -25,11 +25,15 @@ RADIOGRAPH_MODALITIES = {"CR", "DX"}
 # BodyPartExamined is free-ish text (DICOM CS, site-defined): a chest is named in English, Latin, and other languages
 CHEST_WORDS = ("CHEST", "THORAX", "THORAC", "TORAX", "TORACE", "LUNG", "PECHO", "BRUST", "POITRINE")
 ADULT_AGE_YEARS = 18
-PAEDIATRIC_NOTICE = ("paediatric patient (PatientAge under 18): the models learnt Normal and Lung_Opacity from adults only "
-                     "and Viral Pneumonia from children only, so a child's radiograph is pulled towards Viral Pneumonia "
-                     "whatever it shows")
-NO_GATE_NOTICE = ("no input gate for this model (it has no ood_score output): images unlike chest radiographs are not "
-                  "detected; re-export the model with `cxr evaluate` + `cxr export` to get one")
+PAEDIATRIC_NOTICE = (
+    "paediatric patient (PatientAge under 18): the models learnt Normal and Lung_Opacity from adults only "
+    "and Viral Pneumonia from children only, so a child's radiograph is pulled towards Viral Pneumonia "
+    "whatever it shows"
+)
+NO_GATE_NOTICE = (
+    "no input gate for this model (it has no ood_score output): images unlike chest radiographs are not "
+    "detected; re-export the model with `cxr evaluate` + `cxr export` to get one"
+)
 _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 
 
@@ -52,25 +56,42 @@ def header_refusals(header: dict[str, str]) -> list[Refusal]:
     found = []
     modality = header.get("Modality", "").upper()
     if modality and modality not in RADIOGRAPH_MODALITIES:
-        found.append(_refusal("not_radiograph", f"the DICOM Modality is {_coded(modality)}, not a radiograph (CR or DX); "
-                                                "send a chest radiograph"))
+        found.append(
+            _refusal(
+                "not_radiograph",
+                f"the DICOM Modality is {_coded(modality)}, not a radiograph (CR or DX); send a chest radiograph",
+            )
+        )
     body_part = header.get("BodyPartExamined", "").upper()
     if body_part and not any(word in body_part for word in CHEST_WORDS):
-        found.append(_refusal("not_chest", f"the DICOM BodyPartExamined is {_coded(body_part)}, not a chest; the models "
-                                           "read chest radiographs only (correct the tag if it is one)"))
+        found.append(
+            _refusal(
+                "not_chest",
+                f"the DICOM BodyPartExamined is {_coded(body_part)}, not a chest; the models "
+                "read chest radiographs only (correct the tag if it is one)",
+            )
+        )
     view = header.get("ViewPosition", "").upper()
     if view in LATERAL_VIEWS:
-        found.append(_refusal("lateral_view", f"ViewPosition {view} is a lateral view; the models learnt frontal (PA/AP) "
-                                              "chest radiographs only: send the frontal image of the study"))
+        found.append(
+            _refusal(
+                "lateral_view",
+                f"ViewPosition {view} is a lateral view; the models learnt frontal (PA/AP) "
+                "chest radiographs only: send the frontal image of the study",
+            )
+        )
     return found
 
 
 def ood_refusal(score: float, threshold: float) -> Refusal | None:
     if score <= threshold:
         return None
-    return _refusal("out_of_distribution", f"the image is unlike the chest radiographs the model learnt (score {score:.2f} "
-                                           f"above the threshold {threshold:.2f}): send a frontal chest radiograph, "
-                                           "upright, not inverted, whole lungs in view")
+    return _refusal(
+        "out_of_distribution",
+        f"the image is unlike the chest radiographs the model learnt (score {score:.2f} "
+        f"above the threshold {threshold:.2f}): send a frontal chest radiograph, "
+        "upright, not inverted, whole lungs in view",
+    )
 
 
 def age_in_years(value: str) -> float | None:
@@ -94,7 +115,9 @@ def parse_notice_only(setting: str) -> frozenset[str]:
         return frozenset(REASONS)
     unknown = names - set(REASONS)
     if unknown:
-        raise ValueError(f"gate_as_notice: unknown reason(s) {sorted(unknown)}; choose from {', '.join(REASONS)} or all")
+        raise ValueError(
+            f"gate_as_notice: unknown reason(s) {sorted(unknown)}; choose from {', '.join(REASONS)} or all"
+        )
     return frozenset(names)
 
 

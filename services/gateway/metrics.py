@@ -18,19 +18,87 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("cxr_gateway_requests", "Classify requests answered, by model, version and gRPC status code", ["model", "version", "code"], registry=r)
-        self.request_seconds = Histogram("cxr_gateway_request_seconds", "Total time of a Classify request inside the gateway", ["model"], buckets=SECONDS, registry=r)
-        self.decode_seconds = Histogram("cxr_gateway_decode_seconds", "Time to decode image bytes to grayscale pixels", ["format"], buckets=SECONDS, registry=r)
-        self.preprocess_seconds = Histogram("cxr_gateway_preprocess_seconds", "Time to resize pixels to the model's input", buckets=SECONDS, registry=r)
-        self.upstream_seconds = Histogram("cxr_gateway_upstream_seconds", "Time of the inference call as the gateway waited for it", ["model"], buckets=SECONDS, registry=r)
+        self.requests = Counter(
+            "cxr_gateway_requests",
+            "Classify requests answered, by model, version and gRPC status code",
+            ["model", "version", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "cxr_gateway_request_seconds",
+            "Total time of a Classify request inside the gateway",
+            ["model"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "cxr_gateway_decode_seconds",
+            "Time to decode image bytes to grayscale pixels",
+            ["format"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            "cxr_gateway_preprocess_seconds", "Time to resize pixels to the model's input", buckets=SECONDS, registry=r
+        )
+        self.upstream_seconds = Histogram(
+            "cxr_gateway_upstream_seconds",
+            "Time of the inference call as the gateway waited for it",
+            ["model"],
+            buckets=SECONDS,
+            registry=r,
+        )
         self.in_flight = Gauge("cxr_gateway_in_flight_requests", "Classify requests being processed now", registry=r)
-        self.predictions = Counter("cxr_gateway_predictions", "Top-class predictions returned, by model and class", ["model", "class_name"], registry=r)
-        self.input_bytes = Histogram("cxr_gateway_input_bytes", "Size of the image bytes received", ["format"], buckets=BYTES, registry=r)
-        self.input_pixels = Histogram("cxr_gateway_input_pixels", "Decoded image size in pixels (width x height)", ["format"], buckets=PIXELS, registry=r)
-        self.image_errors = Counter("cxr_gateway_image_errors", "Images refused by the reader or the input gate, by reason", ["reason"], registry=r)
-        self.gate_notices = Counter("cxr_gateway_input_gate_notices", "Input-gate findings answered with a notice instead of a refusal (gate_as_notice), by reason", ["reason"], registry=r)
-        self.ood_score = Histogram("cxr_gateway_ood_score", "The input gate's out-of-distribution score of answered and refused images (1.0: the fitted threshold)", ["model"], buckets=OOD_BUCKETS, registry=r)
-        self.indeterminate = Counter("cxr_gateway_indeterminate", "Answers below the model's operating point (indeterminate), by model", ["model"], registry=r)
-        self.upstream_ready = Gauge("cxr_gateway_upstream_ready", "1 when the inference service reports ready", registry=r)
-        self.upstream_retries = Counter("cxr_gateway_upstream_retries", "Upstream calls retried after UNAVAILABLE", registry=r)
-        self.auth_refused = Counter("cxr_gateway_auth_refused", "Calls refused for a missing or invalid bearer token, by RPC method", ["method"], registry=r)
+        self.predictions = Counter(
+            "cxr_gateway_predictions",
+            "Top-class predictions returned, by model and class",
+            ["model", "class_name"],
+            registry=r,
+        )
+        self.input_bytes = Histogram(
+            "cxr_gateway_input_bytes", "Size of the image bytes received", ["format"], buckets=BYTES, registry=r
+        )
+        self.input_pixels = Histogram(
+            "cxr_gateway_input_pixels",
+            "Decoded image size in pixels (width x height)",
+            ["format"],
+            buckets=PIXELS,
+            registry=r,
+        )
+        self.image_errors = Counter(
+            "cxr_gateway_image_errors",
+            "Images refused by the reader or the input gate, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.gate_notices = Counter(
+            "cxr_gateway_input_gate_notices",
+            "Input-gate findings answered with a notice instead of a refusal (gate_as_notice), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.ood_score = Histogram(
+            "cxr_gateway_ood_score",
+            "The input gate's out-of-distribution score of answered and refused images (1.0: the fitted threshold)",
+            ["model"],
+            buckets=OOD_BUCKETS,
+            registry=r,
+        )
+        self.indeterminate = Counter(
+            "cxr_gateway_indeterminate",
+            "Answers below the model's operating point (indeterminate), by model",
+            ["model"],
+            registry=r,
+        )
+        self.upstream_ready = Gauge(
+            "cxr_gateway_upstream_ready", "1 when the inference service reports ready", registry=r
+        )
+        self.upstream_retries = Counter(
+            "cxr_gateway_upstream_retries", "Upstream calls retried after UNAVAILABLE", registry=r
+        )
+        self.auth_refused = Counter(
+            "cxr_gateway_auth_refused",
+            "Calls refused for a missing or invalid bearer token, by RPC method",
+            ["method"],
+            registry=r,
+        )

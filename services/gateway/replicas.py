@@ -95,8 +95,13 @@ class ReplicaSet:
     """The replicas of one upstream target. `refresh()` (called by the gateway's readiness poll) re-resolves the
     target and checks every replica; `pick()` chooses the replica for the next attempt of a call."""
 
-    def __init__(self, target: str, make_channel: Callable[[str, str | None], grpc.aio.Channel],
-                 metadata, check_timeout_s: float = 1.0):
+    def __init__(
+        self,
+        target: str,
+        make_channel: Callable[[str, str | None], grpc.aio.Channel],
+        metadata,
+        check_timeout_s: float = 1.0,
+    ):
         self.target = target
         self._make_channel = make_channel  # (channel target, TLS name of the original host or None)
         self._metadata = metadata
@@ -134,7 +139,10 @@ class ReplicaSet:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 if not self.replicas:
-                    log.warning("cannot resolve the inference target", extra={"fields": {"target": self.target, "error": str(exc)}})
+                    log.warning(
+                        "cannot resolve the inference target",
+                        extra={"fields": {"target": self.target, "error": str(exc)}},
+                    )
                 return  # keep the replicas we know (a DNS hiccup must not empty the set)
             addresses = list(dict.fromkeys(info[4][0] for info in infos))
         wanted = {_channel_target(ip, port): ip for ip in addresses}
@@ -148,8 +156,9 @@ class ReplicaSet:
 
     async def _check(self, replica: Replica) -> None:
         try:
-            answer = await replica.stub.ServerReady(pb.ServerReadyRequest(), timeout=self._check_timeout_s,
-                                                    metadata=self._metadata)
+            answer = await replica.stub.ServerReady(
+                pb.ServerReadyRequest(), timeout=self._check_timeout_s, metadata=self._metadata
+            )
             state, replica.timeouts = (READY if answer.ready else NOT_READY), 0
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -160,7 +169,10 @@ class ReplicaSet:
             else:  # it answers, though not as we hoped (e.g. UNAUTHENTICATED: a wrong token)
                 state, replica.timeouts = NOT_READY, 0
         if state != replica.state:
-            log.info("inference replica state changed", extra={"fields": {"address": replica.address, "from": replica.state, "to": state}})
+            log.info(
+                "inference replica state changed",
+                extra={"fields": {"address": replica.address, "from": replica.state, "to": state}},
+            )
             replica.state = state
             if state == HUNG:
                 replica.abandon_calls()

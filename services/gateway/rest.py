@@ -32,13 +32,20 @@ log = logging.getLogger("cxr.gateway")
 STATIC = Path(__file__).parent / "static"
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the other fields, beyond the image itself
 FORMATS = {
-    "": pb.IMAGE_FORMAT_UNSPECIFIED, "auto": pb.IMAGE_FORMAT_UNSPECIFIED,
-    "dicom": pb.IMAGE_FORMAT_DICOM, "png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG,
+    "": pb.IMAGE_FORMAT_UNSPECIFIED,
+    "auto": pb.IMAGE_FORMAT_UNSPECIFIED,
+    "dicom": pb.IMAGE_FORMAT_DICOM,
+    "png": pb.IMAGE_FORMAT_PNG,
+    "jpeg": pb.IMAGE_FORMAT_JPEG,
     "jpg": pb.IMAGE_FORMAT_JPEG,
 }
 MEDIA_FORMATS = {
-    "application/dicom": "dicom", "image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
-    "application/octet-stream": "", "": "",
+    "application/dicom": "dicom",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "application/octet-stream": "",
+    "": "",
 }
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 
@@ -70,8 +77,11 @@ def classify_request(image: bytes, fields, media_type: str = "") -> pb.ClassifyR
     if fmt not in FORMATS:
         raise invalid(f"format must be one of dicom, png, jpeg or auto, received {fmt!r}", "bad_format")
     return pb.ClassifyRequest(
-        image=image, format=FORMATS[fmt], model_name=(fields.get("model") or "").strip(),
-        model_version=(fields.get("version") or "").strip(), request_id=(fields.get("request_id") or "").strip(),
+        image=image,
+        format=FORMATS[fmt],
+        model_name=(fields.get("model") or "").strip(),
+        model_version=(fields.get("version") or "").strip(),
+        request_id=(fields.get("request_id") or "").strip(),
         return_heatmap=_flag(fields.get("heatmap"), "heatmap"),
     )
 
@@ -89,8 +99,11 @@ def build_app(gateway):
     tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
     # the gRPC port's own check (constant-time, against every token; refusals logged and counted the same way),
     # so both ports accept the same tokens
-    checker = TokenAuthInterceptor(tokens, on_refused=lambda m: gateway.metrics.auth_refused.labels(m).inc()) \
-        if tokens else None
+    checker = (
+        TokenAuthInterceptor(tokens, on_refused=lambda m: gateway.metrics.auth_refused.labels(m).inc())
+        if tokens
+        else None
+    )
     limit = settings.max_image_bytes + FORM_OVERHEAD
     call = HttpCall()
 
@@ -105,26 +118,38 @@ def build_app(gateway):
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
-        log.error("internal error in the HTTP adapter", extra={"fields": {"path": request.url.path,
-                                                                          "exc_type": type(e).__name__}})
+        log.error(
+            "internal error in the HTTP adapter",
+            extra={"fields": {"path": request.url.path, "exc_type": type(e).__name__}},
+        )
         return refuse(500, grpc.StatusCode.INTERNAL, f"internal gateway error ({type(e).__name__})", "internal")
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request, e: BodyTooLarge):
-        return refuse(413, grpc.StatusCode.INVALID_ARGUMENT,
-                      f"image refused (too_large): the request is larger than {limit} bytes (--max-image-bytes "
-                      f"{settings.max_image_bytes} plus {FORM_OVERHEAD} for the form)", "too_large")
+        return refuse(
+            413,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"image refused (too_large): the request is larger than {limit} bytes (--max-image-bytes "
+            f"{settings.max_image_bytes} plus {FORM_OVERHEAD} for the form)",
+            "too_large",
+        )
 
     @app.middleware("http")
     async def _authenticate(request: Request, call_next):
         if checker is not None and request.url.path.startswith("/v1/"):
             peer = f"http:{request.client.host}:{request.client.port}" if request.client else "http:unknown"
-            route = request.url.path if request.url.path in ("/v1/classify", "/v1/models") else "/v1/*"  # bounded labels
+            route = (
+                request.url.path if request.url.path in ("/v1/classify", "/v1/models") else "/v1/*"
+            )  # bounded labels
             problem = checker.authorize("http " + route, request.headers.get("authorization"), peer)
             if problem is not None:
-                return refuse(401, grpc.StatusCode.UNAUTHENTICATED,
-                              f"{problem} bearer token (header 'Authorization: Bearer <token>')",
-                              "unauthenticated", headers={"WWW-Authenticate": "Bearer"})
+                return refuse(
+                    401,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{problem} bearer token (header 'Authorization: Bearer <token>')",
+                    "unauthenticated",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         return await call_next(request)
 
     @app.get("/healthz")
@@ -187,5 +212,6 @@ async def start_http(gateway):
     """The HTTP API and page on settings.http_port (-1: off, returns None), with the gRPC port's TLS settings."""
     from services.common import http
 
-    return await http.start_http(build_app(gateway), gateway.settings, name="gateway-http",
-                                 env="CXR_GATEWAY_HTTP_PORT", tls=True)
+    return await http.start_http(
+        build_app(gateway), gateway.settings, name="gateway-http", env="CXR_GATEWAY_HTTP_PORT", tls=True
+    )

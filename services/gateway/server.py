@@ -71,7 +71,9 @@ def _ms(seconds: float) -> float:
 
 
 class GatewayService(pb_grpc.GatewayServicer):
-    def __init__(self, settings: GatewaySettings, upstream: InferenceClient, metrics: GatewayMetrics, lifecycle: Lifecycle):
+    def __init__(
+        self, settings: GatewaySettings, upstream: InferenceClient, metrics: GatewayMetrics, lifecycle: Lifecycle
+    ):
         self.settings = settings
         self.lifecycle = lifecycle
         self.upstream = upstream
@@ -168,7 +170,9 @@ class GatewayService(pb_grpc.GatewayServicer):
         budget = self.settings.request_timeout_s if time_remaining is None else time_remaining
         return time.monotonic() + budget
 
-    async def _classify(self, request: pb.ClassifyRequest, time_remaining: float | None, method: str) -> pb.ClassifyResponse:
+    async def _classify(
+        self, request: pb.ClassifyRequest, time_remaining: float | None, method: str
+    ) -> pb.ClassifyResponse:
         started = time.perf_counter()
         trace = _Trace(method=method, request_id=request.request_id or uuid.uuid4().hex, input_bytes=len(request.image))
         self._in_flight += 1
@@ -176,9 +180,17 @@ class GatewayService(pb_grpc.GatewayServicer):
         try:
             if not self.lifecycle.admitting:
                 starting = self.lifecycle.state == "starting"
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the gateway is {'starting' if starting else 'shutting down'}: retry on another replica", "starting" if starting else "shutting_down")
+                raise ServiceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the gateway is {'starting' if starting else 'shutting down'}: retry on another replica",
+                    "starting" if starting else "shutting_down",
+                )
             if self._in_flight > self.settings.max_in_flight:
-                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is busy ({self.settings.max_in_flight} requests in progress): retry later", "busy")
+                raise ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the gateway is busy ({self.settings.max_in_flight} requests in progress): retry later",
+                    "busy",
+                )
             with self.lifecycle.track():
                 response = await self._run(request, trace, self._deadline(time_remaining))
             trace.ms["total_ms"] = _ms(time.perf_counter() - started)
@@ -192,8 +204,12 @@ class GatewayService(pb_grpc.GatewayServicer):
             raise
         except Exception as exc:  # a bug of ours: answered INTERNAL, logged by type only (messages may quote input)
             trace.code, trace.reason = "INTERNAL", type(exc).__name__
-            log.error("internal error", extra={"fields": {"request_id": trace.request_id, "exc_type": type(exc).__name__}})
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"internal gateway error ({type(exc).__name__})", "internal") from None
+            log.error(
+                "internal error", extra={"fields": {"request_id": trace.request_id, "exc_type": type(exc).__name__}}
+            )
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, f"internal gateway error ({type(exc).__name__})", "internal"
+            ) from None
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.dec()
@@ -201,13 +217,21 @@ class GatewayService(pb_grpc.GatewayServicer):
 
     async def _run(self, request: pb.ClassifyRequest, trace: _Trace, deadline: float) -> pb.ClassifyResponse:
         if request.format not in FORMATS:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown image format value {request.format}", "bad_format")
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown image format value {request.format}", "bad_format"
+            )
         name = request.model_name or self.settings.default_model
         version = request.model_version
         if not MODEL_NAME.match(name):
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "model_name must be 1-128 letters, digits, '_', '.' or '-'", "bad_model_name")
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "model_name must be 1-128 letters, digits, '_', '.' or '-'",
+                "bad_model_name",
+            )
         if not MODEL_VERSION.match(version):
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "model_version must be empty or a number", "bad_model_version")
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, "model_version must be empty or a number", "bad_model_version"
+            )
 
         # decode first: a bad image is refused as such whatever the upstream's state
         loop = asyncio.get_running_loop()
@@ -217,7 +241,9 @@ class GatewayService(pb_grpc.GatewayServicer):
             except ImageError as exc:
                 raise self._refusal(exc) from None
         else:
-            decoded, decode_s = await loop.run_in_executor(self.executor, self._decode, request.image, FORMATS[request.format])
+            decoded, decode_s = await loop.run_in_executor(
+                self.executor, self._decode, request.image, FORMATS[request.format]
+            )
         trace.format, (trace.height, trace.width) = decoded.format, decoded.pixels.shape
         trace.ms["decode_ms"] = _ms(decode_s)
         self.metrics.decode_seconds.labels(decoded.format).observe(decode_s)
@@ -246,7 +272,15 @@ class GatewayService(pb_grpc.GatewayServicer):
             else:
                 cam = result.cam[spec.classes.index(response.top_class)]
                 png = await loop.run_in_executor(self.executor, overlay_png, decoded.pixels, cam)
-                response.heatmap.CopyFrom(pb.Heatmap(label=response.top_class, png=png, height=cam.shape[0], width=cam.shape[1], values=cam.reshape(-1).tolist()))
+                response.heatmap.CopyFrom(
+                    pb.Heatmap(
+                        label=response.top_class,
+                        png=png,
+                        height=cam.shape[0],
+                        width=cam.shape[1],
+                        values=cam.reshape(-1).tolist(),
+                    )
+                )
         trace.top_class, trace.notices = response.top_class, len(response.notices)
         return response
 
@@ -275,8 +309,10 @@ class GatewayService(pb_grpc.GatewayServicer):
             return [input_gate.NO_GATE_NOTICE]
         self.metrics.ood_score.labels(spec.name).observe(result.ood_score)
         if spec.ood_threshold is None:
-            return ["no input-gate threshold for this model (config parameter cxr.ood_threshold missing): the "
-                    "ood_score is returned but nothing is refused"]
+            return [
+                "no input-gate threshold for this model (config parameter cxr.ood_threshold missing): the "
+                "ood_score is returned but nothing is refused"
+            ]
         refusal = input_gate.ood_refusal(result.ood_score, spec.ood_threshold)
         return self._gate([refusal] if refusal else [])
 
@@ -286,8 +322,15 @@ class GatewayService(pb_grpc.GatewayServicer):
         # asks; RESOURCE_EXHAUSTED stays for load (busy, queue full) and for gRPC's own message-size limit
         return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"image refused ({exc.reason}): {exc}", exc.reason)
 
-    def _response(self, request, trace: _Trace, spec: ModelSpec, decoded: DecodedImage, result: InferResult,
-                  gate_notices: list[str]) -> pb.ClassifyResponse:
+    def _response(
+        self,
+        request,
+        trace: _Trace,
+        spec: ModelSpec,
+        decoded: DecodedImage,
+        result: InferResult,
+        gate_notices: list[str],
+    ) -> pb.ClassifyResponse:
         probabilities = result.probabilities
         top = int(np.argmax(probabilities))
         response = pb.ClassifyResponse(
@@ -297,7 +340,8 @@ class GatewayService(pb_grpc.GatewayServicer):
             top_probability=float(probabilities[top]),
             model_name=spec.name,
             model_version=result.model_version,
-            model_sha256=result.model_sha256 or str(self._model_card(spec.name, result.model_version).get("sha256", "")),
+            model_sha256=result.model_sha256
+            or str(self._model_card(spec.name, result.model_version).get("sha256", "")),
             image_format=decoded.format,
         )
         for label, p in zip(spec.classes, probabilities):
@@ -313,9 +357,11 @@ class GatewayService(pb_grpc.GatewayServicer):
             if response.top_probability < spec.operating_point:
                 response.indeterminate = True
                 self.metrics.indeterminate.labels(spec.name).inc()
-                response.notices.append(f"indeterminate: the top probability {response.top_probability:.2f} is below "
-                                        f"the model's operating point {spec.operating_point:.2f}; read every class's "
-                                        "probability, not the top class")
+                response.notices.append(
+                    f"indeterminate: the top probability {response.top_probability:.2f} is below "
+                    f"the model's operating point {spec.operating_point:.2f}; read every class's "
+                    "probability, not the top class"
+                )
         if (notice := input_gate.age_notice(decoded.header)) is not None:
             response.notices.append(notice)
         if spec.synthetic_demo:
@@ -344,9 +390,19 @@ class GatewayService(pb_grpc.GatewayServicer):
         trace.ms.setdefault("total_ms", _ms(total_s))
         log_request(
             log,
-            request_id=trace.request_id, method=trace.method, model=trace.model, version=trace.version,
-            code=trace.code, reason=trace.reason, format=trace.format, input_bytes=trace.input_bytes,
-            width=trace.width, height=trace.height, top_class=trace.top_class, notices=trace.notices, **trace.ms,
+            request_id=trace.request_id,
+            method=trace.method,
+            model=trace.model,
+            version=trace.version,
+            code=trace.code,
+            reason=trace.reason,
+            format=trace.format,
+            input_bytes=trace.input_bytes,
+            width=trace.width,
+            height=trace.height,
+            top_class=trace.top_class,
+            notices=trace.notices,
+            **trace.ms,
         )
 
 
@@ -378,12 +434,18 @@ class Gateway:
 
         self.settings = settings
         self.metrics = GatewayMetrics()
-        self.upstream = InferenceClient(settings, on_readiness=self._on_readiness, on_retry=self.metrics.upstream_retries.inc)
+        self.upstream = InferenceClient(
+            settings, on_readiness=self._on_readiness, on_retry=self.metrics.upstream_retries.inc
+        )
         tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
         limit = settings.max_image_bytes + 64 * 1024  # the image plus the request's other fields
         self.server = create_server(
-            limit, max_send_bytes=64 * 1024 * 1024,
-            interceptors=[TokenAuthInterceptor(tokens, on_refused=lambda m: self.metrics.auth_refused.labels(m).inc())] if tokens else [])
+            limit,
+            max_send_bytes=64 * 1024 * 1024,
+            interceptors=[TokenAuthInterceptor(tokens, on_refused=lambda m: self.metrics.auth_refused.labels(m).inc())]
+            if tokens
+            else [],
+        )
         self.lifecycle = add_health_and_reflection(self.server, [SERVICE_NAME])
         self.service = GatewayService(settings, self.upstream, self.metrics, self.lifecycle)
         pb_grpc.add_GatewayServicer_to_server(self.service, self.server)
@@ -393,7 +455,11 @@ class Gateway:
             self.port = self.server.add_secure_port(address, credentials)
         else:
             self.port = self.server.add_insecure_port(address)
-        self.security = {"tls": bool(settings.tls_cert), "mtls": bool(settings.tls_client_ca), "token_auth": bool(tokens)}
+        self.security = {
+            "tls": bool(settings.tls_cert),
+            "mtls": bool(settings.tls_client_ca),
+            "token_auth": bool(tokens),
+        }
         self.metrics_port = 0
         self.http = None  # the HTTP server (services/gateway/rest.py), once started
         self._tasks: set[asyncio.Task] = set()
@@ -421,10 +487,20 @@ class Gateway:
         await self.upstream.start()
         self.lifecycle.dependency_ready = self.upstream.ready
         await self.lifecycle.to(SERVING)
-        log.info("gateway listening", extra={"fields": {
-            "port": self.port, "http_port": self.http.port if self.http else -1, "metrics_port": self.metrics_port,
-            "inference": self.settings.inference,
-            "upstream_ready": self.upstream.ready, "decode_processes": self.settings.decode_processes, **self.security}})
+        log.info(
+            "gateway listening",
+            extra={
+                "fields": {
+                    "port": self.port,
+                    "http_port": self.http.port if self.http else -1,
+                    "metrics_port": self.metrics_port,
+                    "inference": self.settings.inference,
+                    "upstream_ready": self.upstream.ready,
+                    "decode_processes": self.settings.decode_processes,
+                    **self.security,
+                }
+            },
+        )
 
     async def close(self) -> None:
         if self.http is not None:
@@ -435,7 +511,9 @@ class Gateway:
             self.service.decode_pool.close()
 
 
-async def serve(settings: GatewaySettings, started: asyncio.Future | None = None, stop_event: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: GatewaySettings, started: asyncio.Future | None = None, stop_event: asyncio.Event | None = None
+) -> None:
     """Run until SIGTERM/SIGINT (or `stop_event`); `started` gets (grpc, metrics, http port) once listening."""
     from services.common.serving import serve_until_terminated
 
@@ -447,8 +525,11 @@ async def serve(settings: GatewaySettings, started: asyncio.Future | None = None
         started.set_result((gateway.port, gateway.metrics_port, gateway.http.port if gateway.http else -1))
     try:
         await serve_until_terminated(
-            gateway.server, gateway.lifecycle, grace_period_s=settings.shutdown_grace_s,
-            drain_delay_s=settings.drain_delay_s, stop_event=gateway.stopping,
+            gateway.server,
+            gateway.lifecycle,
+            grace_period_s=settings.shutdown_grace_s,
+            drain_delay_s=settings.drain_delay_s,
+            stop_event=gateway.stopping,
         )
     finally:
         await gateway.close()

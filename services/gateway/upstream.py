@@ -95,8 +95,12 @@ def _square_size(shape) -> int:
 
 
 class InferenceClient:
-    def __init__(self, settings: GatewaySettings, on_readiness: Callable[[bool], None] | None = None,
-                 on_retry: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        on_readiness: Callable[[bool], None] | None = None,
+        on_retry: Callable[[], None] | None = None,
+    ):
         self.settings = settings
         self._on_retry = on_retry
         self.ready = False
@@ -125,8 +129,12 @@ class InferenceClient:
             extra = [("grpc.ssl_target_name_override", tls_name)] if tls_name else []
             return grpc.aio.secure_channel(target, credentials, options=options + extra)
 
-        self.replicas = ReplicaSet(settings.inference, make_channel, self._metadata,
-                                   check_timeout_s=min(1.0, max(0.2, settings.readiness_interval_s)))
+        self.replicas = ReplicaSet(
+            settings.inference,
+            make_channel,
+            self._metadata,
+            check_timeout_s=min(1.0, max(0.2, settings.readiness_interval_s)),
+        )
         self._poller: asyncio.Task | None = None
         self._fetching: dict[tuple[str, str], asyncio.Future] = {}
 
@@ -142,7 +150,10 @@ class InferenceClient:
 
     def _set_ready(self, ready: bool) -> None:
         if ready != self.ready:
-            log.info("inference service readiness changed", extra={"fields": {"ready": ready, "target": self.settings.inference}})
+            log.info(
+                "inference service readiness changed",
+                extra={"fields": {"ready": ready, "target": self.settings.inference}},
+            )
         self.ready = ready
         if self._on_readiness:
             self._on_readiness(ready)
@@ -175,19 +186,29 @@ class InferenceClient:
                 raise UpstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the inference call")
             replica, _ = self.replicas.pick(tried)
             if replica is None:
-                why = ("not responding (its readiness checks time out): not waiting for it" if self.replicas.replicas
-                       else "not resolvable to any address")
-                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"inference service at {self.settings.inference} is {why}")
+                why = (
+                    "not responding (its readiness checks time out): not waiting for it"
+                    if self.replicas.replicas
+                    else "not resolvable to any address"
+                )
+                raise UpstreamError(
+                    grpc.StatusCode.UNAVAILABLE, f"inference service at {self.settings.inference} is {why}"
+                )
             try:
                 return await replica.call(method, request, remaining, self._metadata)
             except ReplicaHung:
-                failure = UpstreamError(grpc.StatusCode.UNAVAILABLE, f"inference replica {replica.address} stopped "
-                                        "responding during the call")
+                failure = UpstreamError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"inference replica {replica.address} stopped responding during the call",
+                )
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.CANCELLED:
-                    failure = UpstreamError(grpc.StatusCode.UNAVAILABLE, f"inference replica {replica.address} "
-                                            f"cancelled the call (shutting down?): {exc.details() or ''}")
+                    failure = UpstreamError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"inference replica {replica.address} "
+                        f"cancelled the call (shutting down?): {exc.details() or ''}",
+                    )
                 elif code == grpc.StatusCode.UNAVAILABLE and not _means_unknown_model(exc.details()):
                     failure = _mapped(exc, self.settings.inference)
                 else:
@@ -231,7 +252,9 @@ class InferenceClient:
         key = (name, version)
         meta = await self._call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version), deadline)
         try:
-            config = (await self._call("ModelConfig", pb.ModelConfigRequest(name=name, version=version), deadline)).config
+            config = (
+                await self._call("ModelConfig", pb.ModelConfigRequest(name=name, version=version), deadline)
+            ).config
         except UpstreamError as exc:
             if exc.code != grpc.StatusCode.INTERNAL:
                 raise
@@ -244,8 +267,13 @@ class InferenceClient:
             size = int(_parameter(config, "cxr.image_size"))
         size = size or _square_size(images[0].shape)
         if not size:
-            raise UpstreamError(grpc.StatusCode.FAILED_PRECONDITION, f"model {name!r} has no square image input (shape {list(images[0].shape)})")
-        classes = [c.strip() for c in _parameter(config, "cxr.classes").split(",") if c.strip()] if config is not None else []
+            raise UpstreamError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {name!r} has no square image input (shape {list(images[0].shape)})",
+            )
+        classes = (
+            [c.strip() for c in _parameter(config, "cxr.classes").split(",") if c.strip()] if config is not None else []
+        )
         outputs = frozenset(t.name for t in meta.outputs)
         if PROBABILITIES not in outputs:
             raise UpstreamError(grpc.StatusCode.FAILED_PRECONDITION, f"model {name!r} has no {PROBABILITIES!r} output")
@@ -284,7 +312,9 @@ class InferenceClient:
         return names
 
     # ---- inference ---------------------------------------------------------------------------------
-    async def infer(self, spec: ModelSpec, version: str, pixels: np.ndarray, want_cam: bool, request_id: str, deadline: float) -> InferResult:
+    async def infer(
+        self, spec: ModelSpec, version: str, pixels: np.ndarray, want_cam: bool, request_id: str, deadline: float
+    ) -> InferResult:
         """Classify one uint8 [H, W] image already resized to the model's input."""
         request = pb.ModelInferRequest(model_name=spec.name, model_version=version, id=request_id)
         tensor = request.inputs.add()
@@ -299,7 +329,11 @@ class InferenceClient:
         try:
             response = await self._call("ModelInfer", request, deadline)
         except UpstreamError as exc:
-            if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            if exc.code not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ):
                 self.forget(spec.name, version)  # unloaded, or reloaded with other inputs: fetch again next time
             raise
         tensors = _output_tensors(response)
@@ -338,8 +372,9 @@ def _output_tensors(response) -> dict[str, np.ndarray]:
             continue
         raw = response.raw_output_contents[i] if i < len(response.raw_output_contents) else None
         try:
-            array = datatypes.to_array(kind.name, tensor.shape, raw=raw, contents=tensor.contents,
-                                       tensor=f"output {tensor.name!r}")
+            array = datatypes.to_array(
+                kind.name, tensor.shape, raw=raw, contents=tensor.contents, tensor=f"output {tensor.name!r}"
+            )
         except datatypes.TensorError as exc:
             raise UpstreamError(grpc.StatusCode.INTERNAL, f"the inference response is malformed: {exc}") from None
         result[tensor.name] = array.astype(np.float32)

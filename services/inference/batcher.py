@@ -190,11 +190,14 @@ class DynamicBatcher:
             return
         self._remove(request)
         waited_ms = (self._clock() - request.arrival) * 1e3
-        self._fail(request, ServiceError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"model {self._name}: request timed out after {waited_ms:.0f} ms in the queue and was not computed",
-            "timeout",
-        ))
+        self._fail(
+            request,
+            ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"model {self._name}: request timed out after {waited_ms:.0f} ms in the queue and was not computed",
+                "timeout",
+            ),
+        )
 
     def _drop_expired(self) -> None:
         now = self._clock()
@@ -284,7 +287,7 @@ class DynamicBatcher:
             offset = 0
             for request in batch:
                 if self.settings.max_batch_size > 0:
-                    mine = {n: results[n][offset:offset + request.rows] for n in request.outputs}
+                    mine = {n: results[n][offset : offset + request.rows] for n in request.outputs}
                 else:
                     mine = {n: results[n] for n in request.outputs}
                 offset += request.rows

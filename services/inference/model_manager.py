@@ -98,8 +98,14 @@ MAX_NAME_BYTES = 255  # one path component on every common filesystem
 
 def valid_model_name(name: str) -> bool:
     """A name that can be a model folder: one path component, no control characters, at most 255 bytes."""
-    return (bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
-            and name.isprintable() and len(name.encode("utf-8", "replace")) <= MAX_NAME_BYTES)
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and name.isprintable()
+        and len(name.encode("utf-8", "replace")) <= MAX_NAME_BYTES
+    )
 
 
 def _shown(name: str) -> str:
@@ -193,7 +199,9 @@ class ModelManager:
         serving keeps serving its old versions."""
         if not self._folder_exists(name):
             if raise_errors:
-                raise not_found(f"no model {_shown(name)} in the repository; models: {repository.list_models(self.repository)}")
+                raise not_found(
+                    f"no model {_shown(name)} in the repository; models: {repository.list_models(self.repository)}"
+                )
             return self.models.setdefault(name, ModelEntry(name, UNAVAILABLE, "no such folder in the model repository"))
         async with self._locks[name]:
             old = self.models.get(name)
@@ -210,16 +218,21 @@ class ModelManager:
                 else:
                     self.models[name] = ModelEntry(name, UNAVAILABLE, reason)
                 if raise_errors:
-                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"failed to load model {name!r}: {reason}",
-                                       "load") from None
+                    raise ServiceError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"failed to load model {name!r}: {reason}", "load"
+                    ) from None
                 return self.models[name]
             for version in entry.versions.values():
                 self._attach_batcher(version)
             self.models[name] = entry  # the atomic swap: new requests see only the new versions from here on
             if old is not None:
                 self._retire(old)
-            log.info("model %s ready: versions %s%s", name, sorted(entry.versions),
-                     f" (failed: {entry.failed})" if entry.failed else "")
+            log.info(
+                "model %s ready: versions %s%s",
+                name,
+                sorted(entry.versions),
+                f" (failed: {entry.failed})" if entry.failed else "",
+            )
             return entry
 
     def _build(self, name: str) -> ModelEntry:
@@ -228,8 +241,9 @@ class ModelManager:
         model_dir = self.repository / name
         config = repository.read_config(model_dir)
         if config.platform not in ("", repository.PLATFORM) or config.backend not in ("", "onnxruntime"):
-            raise ValueError(f"platform {config.platform or config.backend!r} is not served here; "
-                             f"only {repository.PLATFORM!r}")
+            raise ValueError(
+                f"platform {config.platform or config.backend!r} is not served here; only {repository.PLATFORM!r}"
+            )
         if not config.input or not config.output:
             raise ValueError("config.pbtxt must declare its inputs and outputs")
         for tensor in [*config.input, *config.output]:
@@ -242,8 +256,10 @@ class ModelManager:
             for v in sorted(set(config.version_policy.specific.versions) - set(present)):
                 entry.failed[int(v)] = f"version {v} is named in version_policy but has no folder"
         if not served:
-            raise ValueError(f"no version folder to serve (present: {present}, version_policy: "
-                             f"{config.version_policy.WhichOneof('policy_choice') or 'latest 1'})")
+            raise ValueError(
+                f"no version folder to serve (present: {present}, version_policy: "
+                f"{config.version_policy.WhichOneof('policy_choice') or 'latest 1'})"
+            )
         labels = repository.read_labels(model_dir)
         inputs, outputs = _specs(config.input), _specs(config.output)
         providers = choose_providers(self.settings.providers, config)
@@ -258,23 +274,42 @@ class ModelManager:
         entry.state = READY
         return entry
 
-    def _build_version(self, model_dir: Path, version: int, config: ModelConfig, labels: list[str],
-                       inputs: list[TensorSpec], outputs: list[TensorSpec], providers: list[str]) -> ModelVersion:
+    def _build_version(
+        self,
+        model_dir: Path,
+        version: int,
+        config: ModelConfig,
+        labels: list[str],
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        providers: list[str],
+    ) -> ModelVersion:
         path = repository.model_path(model_dir, version, config)
         if not path.is_file():
             raise ValueError(f"{path.relative_to(self.repository)} is missing")
         sha256 = repository.sha256_file(path)
-        pool = SessionPool(path, config, providers=providers, intra_op_threads=self.settings.intra_op_threads,
-                           inter_op_threads=self.settings.inter_op_threads,
-                           graph_optimization=self.settings.graph_optimization, spin_wait=self.settings.spin_wait)
+        pool = SessionPool(
+            path,
+            config,
+            providers=providers,
+            intra_op_threads=self.settings.intra_op_threads,
+            inter_op_threads=self.settings.inter_op_threads,
+            graph_optimization=self.settings.graph_optimization,
+            spin_wait=self.settings.spin_wait,
+        )
         _check_against_session("input", inputs, pool.inputs(), config.max_batch_size, every=True)
         _check_against_session("output", outputs, pool.outputs(), config.max_batch_size, every=False)
         if self.settings.warmup:
             batch = [1] if config.max_batch_size > 0 else []
-            pool.warm_up({s.name: np.zeros(batch + [d if d > 0 else 1 for d in s.dims], dtype=s.dtype)
-                          for s in inputs})
-        log.info("model %s version %s loaded on %s (%d instance(s), sha256 %s)", config.name, version,
-                 pool.providers, pool.count, sha256[:12])
+            pool.warm_up({s.name: np.zeros(batch + [d if d > 0 else 1 for d in s.dims], dtype=s.dtype) for s in inputs})
+        log.info(
+            "model %s version %s loaded on %s (%d instance(s), sha256 %s)",
+            config.name,
+            version,
+            pool.providers,
+            pool.count,
+            sha256[:12],
+        )
         return ModelVersion(config.name, version, config, labels, sha256, pool, inputs, outputs)
 
     def _attach_batcher(self, version: ModelVersion) -> None:
@@ -291,15 +326,26 @@ class ModelManager:
             stats.last_inference_ms = int(time.time() * 1000)
 
         version.batcher = DynamicBatcher(
-            version.pool.run, batcher_settings(version.config, version.pool.count), executor=self.compute,
-            on_batch=on_batch, name=f"{version.name}:{version.version}")
+            version.pool.run,
+            batcher_settings(version.config, version.pool.count),
+            executor=self.compute,
+            on_batch=on_batch,
+            name=f"{version.name}:{version.version}",
+        )
         version.batcher.start()
 
     def _retire(self, entry: ModelEntry) -> None:
         """Let an old model's requests finish in the background, then close its batchers."""
+
         async def retire() -> None:
-            await asyncio.gather(*(v.batcher.close(self.settings.grace_period_s) for v in entry.versions.values()
-                                   if v.batcher is not None))
+            await asyncio.gather(
+                *(
+                    v.batcher.close(self.settings.grace_period_s)
+                    for v in entry.versions.values()
+                    if v.batcher is not None
+                )
+            )
+
         task = asyncio.get_running_loop().create_task(retire())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

@@ -51,8 +51,13 @@ TRITON_HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403,
 }
-_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+_INT64 = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
 # request parameters that steer this transport only (never passed to the data plane)
 _HTTP_ONLY = {"binary_data_output"}
 
@@ -61,8 +66,9 @@ def to_json(message, defaults: bool = True) -> dict:
     """A protobuf message as Triton writes it in JSON: field names as in the .proto, enums by name, 64-bit
     integers as numbers (protobuf's JSON mapping writes them as strings; Triton's JSON does not), and zero
     values printed (a statistic of 0 is "count": 0) unless `defaults` is False (a model config: only what is set)."""
-    document = json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=defaults)
+    document = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults
+    )
     return _fix_int64(document, message.DESCRIPTOR)
 
 
@@ -109,8 +115,9 @@ def _set_parameter(target, key: str, value, where: str) -> None:
     elif isinstance(value, str):
         param.string_param = value
     else:
-        raise invalid(f"{where}: parameter {key!r} must be a boolean, number or string, received "
-                      f"{type(value).__name__}")
+        raise invalid(
+            f"{where}: parameter {key!r} must be a boolean, number or string, received {type(value).__name__}"
+        )
 
 
 def _json_array(datatype: str, shape: list[int], data, tensor: str) -> np.ndarray:
@@ -143,8 +150,9 @@ def _json_array(datatype: str, shape: list[int], data, tensor: str) -> np.ndarra
                 raise invalid(f"{tensor}: values out of range for {kind.name} ({info.min}..{info.max})")
         array = array.astype(kind.dtype)
     if array.size != count:
-        raise invalid(f"{tensor}: expected {count} values for shape {datatypes.format_shape(shape)}, "
-                      f"received {array.size}")
+        raise invalid(
+            f"{tensor}: expected {count} values for shape {datatypes.format_shape(shape)}, received {array.size}"
+        )
     return array
 
 
@@ -154,8 +162,9 @@ def _flatten(data) -> list:
     return [data]
 
 
-def infer_request(body: bytes, header_length: int | None, model: str, version: str) -> tuple[pb.ModelInferRequest,
-                                                                                            dict[str, bool]]:
+def infer_request(
+    body: bytes, header_length: int | None, model: str, version: str
+) -> tuple[pb.ModelInferRequest, dict[str, bool]]:
     """The ModelInferRequest of an HTTP infer body, and for each output name whether it goes back in binary
     ("" is the default for outputs the request does not list)."""
     if header_length is None:
@@ -198,9 +207,11 @@ def infer_request(body: bytes, header_length: int | None, model: str, version: s
             if not isinstance(size, int) or size < 0:
                 raise invalid(f"{where}: binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise invalid(f"{where}: binary_data_size {size} goes past the end of the binary data "
-                              f"({len(binary) - offset} bytes left)")
-            request.raw_input_contents.append(binary[offset:offset + size])
+                raise invalid(
+                    f"{where}: binary_data_size {size} goes past the end of the binary data "
+                    f"({len(binary) - offset} bytes left)"
+                )
+            request.raw_input_contents.append(binary[offset : offset + size])
             offset += size
         elif "data" in item:
             array = _json_array(datatype, shape, item["data"], where)
@@ -299,8 +310,11 @@ def build_app(service, max_body_bytes: int, tokens=None):
             authorization, peer = caller.get()
             problem = tokens.authorize(GRPC_METHOD_PREFIX + method, authorization, peer)
             if problem is not None:
-                raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,
-                                   f"{problem} bearer token (header 'Authorization: Bearer <token>')", "unauthenticated")
+                raise ServiceError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{problem} bearer token (header 'Authorization: Bearer <token>')",
+                    "unauthenticated",
+                )
         return await unwrapped(getattr(service, method))(message, call)
 
     @app.exception_handler(BodyTooLarge)
@@ -392,8 +406,7 @@ def build_app(service, max_body_bytes: int, tokens=None):
         header_length = request.headers.get(HEADER_LENGTH)
         if header_length is not None and not header_length.strip().isdigit():
             raise invalid(f"{HEADER_LENGTH} must be a byte count, received {header_length!r}")
-        message, binary_out = infer_request(body, None if header_length is None else int(header_length), model,
-                                            version)
+        message, binary_out = infer_request(body, None if header_length is None else int(header_length), model, version)
         answer = await rpc("ModelInfer", message)
         content, json_length = infer_response(answer, binary_out)
         headers = {}
@@ -432,5 +445,10 @@ async def start_http(service, settings, tokens=None):
     from services.common import http
 
     # the gRPC port's TLS / mutual TLS files too: one security setting for both transports
-    return await http.start_http(build_app(service, settings.max_message_bytes, tokens), settings, name="inference-http",
-                                 env="CXR_INFERENCE_HTTP_PORT", tls=True)
+    return await http.start_http(
+        build_app(service, settings.max_message_bytes, tokens),
+        settings,
+        name="inference-http",
+        env="CXR_INFERENCE_HTTP_PORT",
+        tls=True,
+    )

@@ -26,16 +26,20 @@ def auth_interceptors(settings: InferenceSettings, metrics: InferenceMetrics) ->
     if not tokens:
         return []
     only = CONTROL_METHODS if settings.auth_scope == "control" else None
-    return [TokenAuthInterceptor(tokens, HEALTH_METHODS, only=only,
-                                 on_refused=lambda method: metrics.auth_refused.labels(method).inc())]
+    return [
+        TokenAuthInterceptor(
+            tokens, HEALTH_METHODS, only=only, on_refused=lambda method: metrics.auth_refused.labels(method).inc()
+        )
+    ]
 
 
 def add_port(server: grpc.aio.Server, settings: InferenceSettings) -> int:
     """Bind the gRPC port: TLS when a certificate and key are configured (mutual TLS with a client CA)."""
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert and settings.tls_key:
-        return server.add_secure_port(address, server_credentials(settings.tls_cert, settings.tls_key,
-                                                                  settings.tls_client_ca))
+        return server.add_secure_port(
+            address, server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        )
     if settings.tls_cert or settings.tls_key or settings.tls_client_ca:
         raise SystemExit("TLS needs both --tls-cert and --tls-key (CXR_INFERENCE_TLS_CERT / _TLS_KEY)")
     return server.add_insecure_port(address)

@@ -46,8 +46,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The RPC handlers. Every accepted request gets exactly one answer: a response or a status with a message."""
 
-    def __init__(self, settings: InferenceSettings, manager: ModelManager, metrics: InferenceMetrics,
-                 lifecycle: Lifecycle):
+    def __init__(
+        self, settings: InferenceSettings, manager: ModelManager, metrics: InferenceMetrics, lifecycle: Lifecycle
+    ):
         self.settings = settings
         self.manager = manager
         self.metrics = metrics
@@ -77,8 +78,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context):
         model = self.manager.resolve(request.name, request.version)
         entry = self.manager.models[model.name]
-        response = pb.ModelMetadataResponse(name=model.name, versions=[str(v) for v in sorted(entry.versions)],
-                                            platform=model.config.platform or "onnxruntime_onnx")
+        response = pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in sorted(entry.versions)],
+            platform=model.config.platform or "onnxruntime_onnx",
+        )
         for spec in model.inputs:
             response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.full_shape(model.max_batch_size))
         for spec in model.outputs:
@@ -103,16 +107,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if request.version and str(model.version) != request.version:
                 continue
             s = model.stats
-            out = response.model_stats.add(name=model.name, version=str(model.version),
-                                           last_inference=s.last_inference_ms, inference_count=s.inference_count,
-                                           execution_count=s.execution_count)
+            out = response.model_stats.add(
+                name=model.name,
+                version=str(model.version),
+                last_inference=s.last_inference_ms,
+                inference_count=s.inference_count,
+                execution_count=s.execution_count,
+            )
             for field_name in ("success", "fail", "queue", "compute_infer"):
                 duration = getattr(s, field_name)
-                getattr(out.inference_stats, field_name).CopyFrom(pb.StatisticDuration(count=duration.count,
-                                                                                        ns=duration.ns))
+                getattr(out.inference_stats, field_name).CopyFrom(
+                    pb.StatisticDuration(count=duration.count, ns=duration.ns)
+                )
             for size, duration in sorted(s.batches.items()):
-                out.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=duration.count,
-                                                                                        ns=duration.ns))
+                out.batch_stats.add(
+                    batch_size=size, compute_infer=pb.StatisticDuration(count=duration.count, ns=duration.ns)
+                )
         return response
 
     # ---- the model repository ----------------------------------------------------------------------------------
@@ -139,9 +149,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _check_explicit(self) -> None:
         if self.settings.model_control != "explicit":
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "model control mode is 'none': models cannot be loaded or unloaded at run time; "
-                               "start the server with --model-control explicit")
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "model control mode is 'none': models cannot be loaded or unloaded at run time; "
+                "start the server with --model-control explicit",
+            )
 
     # ---- inference ---------------------------------------------------------------------------------------------
 
@@ -223,8 +235,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             wanted = parse_requested_outputs(request, model.outputs, model.name)
             timeout_us = _timeout_parameter(request)
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
-            result = await model.batcher.infer(inputs, rows, {w.name for w in wanted}, deadline=deadline,
-                                               timeout_us=timeout_us)
+            result = await model.batcher.infer(
+                inputs, rows, {w.name for w in wanted}, deadline=deadline, timeout_us=timeout_us
+            )
             response = self._response(request, model, wanted, result.outputs)
         except ServiceError as e:
             self._count_failure(model, e.reason, time.perf_counter() - start)
@@ -261,12 +274,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _log(self, request, code: str, reason: str | None, start: float, model: ModelVersion | None = None) -> None:
         # A name we do not serve is the client's free text: logged only after the same scrub as request ids.
-        log_request(log, request_id=request.id, method="ModelInfer",
-                    model=model.name if model else safe_request_id(request.model_name),
-                    version=str(model.version) if model else safe_request_id(request.model_version),
-                    code=code, reason=reason,
-                    total_ms=round((time.perf_counter() - start) * 1e3, 2))
-
+        log_request(
+            log,
+            request_id=request.id,
+            method="ModelInfer",
+            model=model.name if model else safe_request_id(request.model_name),
+            version=str(model.version) if model else safe_request_id(request.model_version),
+            code=code,
+            reason=reason,
+            total_ms=round((time.perf_counter() - start) * 1e3, 2),
+        )
 
 
 def _timeout_parameter(request: pb.ModelInferRequest) -> int:
@@ -280,12 +297,14 @@ def _timeout_parameter(request: pb.ModelInferRequest) -> int:
     return int(getattr(param, kind))
 
 
-async def serve(settings: InferenceSettings, *, started: asyncio.Future | None = None,
-                stop_event: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: InferenceSettings, *, started: asyncio.Future | None = None, stop_event: asyncio.Event | None = None
+) -> None:
     """Run the service until SIGTERM/SIGINT (or `stop_event`). `started` receives (grpc, metrics, http port)."""
     if not settings.repository.is_dir():
-        raise SystemExit(f"model repository {settings.repository} is not a folder (--repository / "
-                         "CXR_INFERENCE_REPOSITORY)")
+        raise SystemExit(
+            f"model repository {settings.repository} is not a folder (--repository / CXR_INFERENCE_REPOSITORY)"
+        )
     metrics = InferenceMetrics()
     # onnxruntime releases the GIL while it computes; the batcher bounds concurrent runs per model by its instances.
     compute = ThreadPoolExecutor(max_workers=settings.compute_threads or 4, thread_name_prefix="onnxruntime")
@@ -305,22 +324,37 @@ async def serve(settings: InferenceSettings, *, started: asyncio.Future | None =
     try:
         metrics_port = start_metrics_server(settings.metrics_port, metrics.registry, settings.host)
     except OSError as e:
-        raise SystemExit(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {e} "
-                         "(--metrics-port / CXR_INFERENCE_METRICS_PORT)") from None
+        raise SystemExit(
+            f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {e} "
+            "(--metrics-port / CXR_INFERENCE_METRICS_PORT)"
+        ) from None
     await server.start()  # live at once (ServerLive), ready only once the models are loaded and warmed up
-    http = await start_http(service, settings, interceptors[0] if interceptors else None)  # KServe v2 REST beside gRPC, over the same servicer
+    http = await start_http(
+        service, settings, interceptors[0] if interceptors else None
+    )  # KServe v2 REST beside gRPC, over the same servicer
     http_port = http.port if http else -1
-    log.info("listening on %s:%d (HTTP on %s, metrics on %s; %s); loading models from %s", settings.host, port,
-             http_port if http else "off", metrics_port if metrics_port >= 0 else "off",
-             describe_security(settings, bool(interceptors)), settings.repository)
+    log.info(
+        "listening on %s:%d (HTTP on %s, metrics on %s; %s); loading models from %s",
+        settings.host,
+        port,
+        http_port if http else "off",
+        metrics_port if metrics_port >= 0 else "off",
+        describe_security(settings, bool(interceptors)),
+        settings.repository,
+    )
     await manager.start()
     log.info("ready: %s", ", ".join(f"{n}:{v} {s}" + (f" ({r})" if r else "") for n, v, s, r in manager.index()))
     await lifecycle.to(SERVING)
     if started is not None and not started.done():
         started.set_result((port, metrics_port, http_port))
     try:
-        await serve_until_terminated(server, lifecycle, grace_period_s=settings.grace_period_s,
-                                     drain_delay_s=settings.drain_delay_s, stop_event=stop_event)
+        await serve_until_terminated(
+            server,
+            lifecycle,
+            grace_period_s=settings.grace_period_s,
+            drain_delay_s=settings.drain_delay_s,
+            stop_event=stop_event,
+        )
     finally:
         if http:
             await http.stop()

@@ -47,18 +47,25 @@ def choose_providers(requested: list[str], config: ModelConfig) -> list[str]:
         return chosen + [CPU] if CPU not in chosen else chosen  # the CPU stays the last resort
     kinds = {g.kind for g in config.instance_group}
     accelerators = config.optimization.execution_accelerators
-    cpu_first = [_ACCELERATORS[a.name.lower()] for a in accelerators.cpu_execution_accelerator
-                 if _ACCELERATORS.get(a.name.lower()) in available]
+    cpu_first = [
+        _ACCELERATORS[a.name.lower()]
+        for a in accelerators.cpu_execution_accelerator
+        if _ACCELERATORS.get(a.name.lower()) in available
+    ]
     if kinds and kinds <= {ModelInstanceGroup.KIND_CPU}:
         return [*cpu_first, CPU]
     if CUDA in available and gpu_visible():
         # Triton's gpu_execution_accelerator [{name: "tensorrt"}] puts TensorRT in front of CUDA.
-        gpu_first = [_ACCELERATORS[a.name.lower()] for a in accelerators.gpu_execution_accelerator
-                     if _ACCELERATORS.get(a.name.lower()) in available]
+        gpu_first = [
+            _ACCELERATORS[a.name.lower()]
+            for a in accelerators.gpu_execution_accelerator
+            if _ACCELERATORS.get(a.name.lower()) in available
+        ]
         return [*gpu_first, CUDA, CPU]
     if kinds & {ModelInstanceGroup.KIND_GPU}:
-        log.warning("model %s asks for KIND_GPU but no usable CUDA provider/GPU is present: falling back to CPU",
-                    config.name)
+        log.warning(
+            "model %s asks for KIND_GPU but no usable CUDA provider/GPU is present: falling back to CPU", config.name
+        )
     return [*cpu_first, CPU]
 
 
@@ -83,8 +90,17 @@ class SessionPool:
     The batcher runs at most `count` batches at once, so a free session is always there when `run` is called.
     """
 
-    def __init__(self, path: Path, config: ModelConfig, *, providers: list[str], intra_op_threads: int,
-                 inter_op_threads: int, graph_optimization: str, spin_wait: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        config: ModelConfig,
+        *,
+        providers: list[str],
+        intra_op_threads: int,
+        inter_op_threads: int,
+        graph_optimization: str,
+        spin_wait: bool = False,
+    ):
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         # Triton's onnxruntime backend reads the thread counts from these config parameters too.
@@ -93,12 +109,17 @@ class SessionPool:
         options.graph_optimization_level = _graph_level(config, graph_optimization)
         options.log_severity_level = 3  # errors only: onnxruntime's warnings would flood the service log
         count = sum(max(g.count, 1) for g in config.instance_group) or 1
-        self.sessions = [ort.InferenceSession(str(path), sess_options=options, providers=providers)
-                         for _ in range(count)]
+        self.sessions = [
+            ort.InferenceSession(str(path), sess_options=options, providers=providers) for _ in range(count)
+        ]
         self.providers = self.sessions[0].get_providers()
         if providers[0] != CPU and providers[0] not in self.providers:
-            log.warning("model %s: %s could not be used (see onnxruntime's message); falling back to %s",
-                        config.name, providers[0], self.providers)
+            log.warning(
+                "model %s: %s could not be used (see onnxruntime's message); falling back to %s",
+                config.name,
+                providers[0],
+                self.providers,
+            )
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in self.sessions:
             self._free.put(session)

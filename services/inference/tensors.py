@@ -49,8 +49,10 @@ def decode_inputs(
     seen = set()
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise _invalid(f"model {model!r}: {len(request.inputs)} inputs but {len(raw)} raw_input_contents entries; "
-                       "expected one raw entry per input")
+        raise _invalid(
+            f"model {model!r}: {len(request.inputs)} inputs but {len(raw)} raw_input_contents entries; "
+            "expected one raw entry per input"
+        )
     arrays: dict[str, np.ndarray] = {}
     rows = None
     for i, tensor in enumerate(request.inputs):
@@ -61,25 +63,36 @@ def decode_inputs(
             raise _invalid(f"model {model!r}: input {tensor.name!r} given twice")
         seen.add(tensor.name)
         if tensor.datatype != spec.datatype:
-            raise _invalid(f"model {model!r} input {tensor.name!r}: expected datatype {spec.datatype}, "
-                           f"received {tensor.datatype or '(empty)'}")
+            raise _invalid(
+                f"model {model!r} input {tensor.name!r}: expected datatype {spec.datatype}, "
+                f"received {tensor.datatype or '(empty)'}"
+            )
         shape = [int(d) for d in tensor.shape]
         expected = spec.full_shape(max_batch_size)
         ok = len(shape) == len(expected) and all(e == -1 or e == s for e, s in zip(expected, shape))
         if not ok or any(d < 0 for d in shape):
-            raise _invalid(f"model {model!r} input {tensor.name!r}: expected shape {format_shape(expected)} "
-                           f"(-1 any size), received {format_shape(shape)}")
+            raise _invalid(
+                f"model {model!r} input {tensor.name!r}: expected shape {format_shape(expected)} "
+                f"(-1 any size), received {format_shape(shape)}"
+            )
         if max_batch_size > 0:
             batch = shape[0]
             if not 1 <= batch <= max_batch_size:
-                raise _invalid(f"model {model!r} input {tensor.name!r}: batch size must be 1..{max_batch_size} "
-                               f"(max_batch_size), received {batch}")
+                raise _invalid(
+                    f"model {model!r} input {tensor.name!r}: batch size must be 1..{max_batch_size} "
+                    f"(max_batch_size), received {batch}"
+                )
             if rows is not None and batch != rows:
                 raise _invalid(f"model {model!r}: inputs disagree on the batch size ({rows} vs {batch})")
             rows = batch
         try:
-            array = datatypes.to_array(spec.datatype, shape, raw=raw[i] if raw else None, contents=tensor.contents,
-                                       tensor=f"model {model!r} input {tensor.name!r}")
+            array = datatypes.to_array(
+                spec.datatype,
+                shape,
+                raw=raw[i] if raw else None,
+                contents=tensor.contents,
+                tensor=f"model {model!r} input {tensor.name!r}",
+            )
         except TensorError as e:
             raise _invalid(str(e)) from None
         arrays[tensor.name] = array
@@ -97,8 +110,9 @@ class RequestedOutput:
     classification: int = 0
 
 
-def parse_requested_outputs(request: pb.ModelInferRequest, specs: list[TensorSpec], model: str
-                            ) -> list[RequestedOutput]:
+def parse_requested_outputs(
+    request: pb.ModelInferRequest, specs: list[TensorSpec], model: str
+) -> list[RequestedOutput]:
     """The outputs the request asks for, checked against the model (every output when it names none)."""
     names = [s.name for s in specs]
     if not request.outputs:
@@ -117,8 +131,10 @@ def parse_requested_outputs(request: pb.ModelInferRequest, specs: list[TensorSpe
             spec = next(s for s in specs if s.name == out.name)
             classes = spec.dims[-1] if spec.dims else 0
             if len(spec.dims) != 1 or not 1 <= k:
-                raise _invalid(f"output {out.name!r} of shape {format_shape(spec.dims)}: classification needs a [classes] "
-                               f"output and K >= 1, received K={k}")
+                raise _invalid(
+                    f"output {out.name!r} of shape {format_shape(spec.dims)}: classification needs a [classes] "
+                    f"output and K >= 1, received K={k}"
+                )
             k = min(k, classes) if classes > 0 else k
         result.append(RequestedOutput(out.name, k))
     return result

@@ -45,8 +45,16 @@ def _parser(**kwargs) -> argparse.ArgumentParser:
 
 def test_one_flag_per_field_with_its_docstring_default_and_environment_variable():
     text = " ".join(_parser(flags={"peers": "--peer"}, exclude=["secret"]).format_help().split())
-    for flag in ("--port PORT", "--ratio RATIO", "--mode {store,forward}", "--peer A[,B...]", "--spool SPOOL",
-                 "--verify, --no-verify", "--timeout SECONDS", "--port-file"):
+    for flag in (
+        "--port PORT",
+        "--ratio RATIO",
+        "--mode {store,forward}",
+        "--peer A[,B...]",
+        "--spool SPOOL",
+        "--verify, --no-verify",
+        "--timeout SECONDS",
+        "--port-file",
+    ):
         assert flag in text, flag
     assert "Port to listen on; 0 picks a free one. [default: 104; env CXR_DEMO_PORT]" in text
     assert "A share of 100% of something." in text
@@ -61,8 +69,23 @@ def test_flags_override_the_environment_which_overrides_the_defaults(monkeypatch
     parser = _parser(exclude=["secret"])
     settings = settings_from_args(DemoSettings, parser.parse_args([]))
     assert (settings.port, settings.mode, settings.secret, settings.verify) == (11112, "forward", "from-env", True)
-    args = parser.parse_args(["--port", "0", "--peers", "a,b", "--peers", "c", "--no-verify", "--timeout", "2.5",
-                              "--spool", str(tmp_path), "--mode", "store"])
+    args = parser.parse_args(
+        [
+            "--port",
+            "0",
+            "--peers",
+            "a,b",
+            "--peers",
+            "c",
+            "--no-verify",
+            "--timeout",
+            "2.5",
+            "--spool",
+            str(tmp_path),
+            "--mode",
+            "store",
+        ]
+    )
     settings = settings_from_args(DemoSettings, args)
     assert (settings.port, settings.peers, settings.verify, settings.timeout_s) == (0, ["a", "b", "c"], False, 2.5)
     assert (settings.spool, settings.mode) == (tmp_path, "store")

@@ -79,12 +79,15 @@ def test_a_service_error_aborts_with_its_code_and_message_and_a_bug_is_internal(
     assert results["stream"] == [health_pb2.HealthCheckResponse.SERVING, results["invalid"]]
 
 
-@pytest.mark.parametrize("make, code, reason, http", [
-    (invalid, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", 400),
-    (not_found, grpc.StatusCode.NOT_FOUND, "not_found", 404),
-    (unavailable, grpc.StatusCode.UNAVAILABLE, "unavailable", 503),
-    (exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, "resource_exhausted", 429),
-])
+@pytest.mark.parametrize(
+    "make, code, reason, http",
+    [
+        (invalid, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", 400),
+        (not_found, grpc.StatusCode.NOT_FOUND, "not_found", 404),
+        (unavailable, grpc.StatusCode.UNAVAILABLE, "unavailable", 503),
+        (exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, "resource_exhausted", 429),
+    ],
+)
 def test_the_helpers_and_the_http_mapping(make, code, reason, http):
     error = make("what happened")
     assert (error.code, error.message, error.reason, error.http_status) == (code, "what happened", reason, http)

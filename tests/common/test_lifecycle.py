@@ -29,7 +29,15 @@ def test_states_decide_readiness_admission_and_health():
         seen = []
         for state in (STARTING, SERVING, DRAINING, STOPPING, STOPPED):
             await lifecycle.to(state)
-            seen.append((state, lifecycle.ready, lifecycle.admitting, await _health(lifecycle), await _health(lifecycle, "x.v1.Service")))
+            seen.append(
+                (
+                    state,
+                    lifecycle.ready,
+                    lifecycle.admitting,
+                    await _health(lifecycle),
+                    await _health(lifecycle, "x.v1.Service"),
+                )
+            )
         assert seen == [
             (STARTING, False, False, NOT_SERVING, NOT_SERVING),
             (SERVING, True, True, SERVING_, SERVING_),

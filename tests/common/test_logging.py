@@ -16,8 +16,14 @@ def test_request_log_is_one_json_line_with_allowed_fields_only():
     cxr_logging.configure("INFO", stream=stream)
     try:
         cxr_logging.log_request(
-            logging.getLogger("cxr.gateway"), request_id="req 1\ninjected", model="ensemble", code="OK", total_ms=12.5,
-            patient_name="Doe^Jane", accession_number="A123", pixels=np.zeros(3),
+            logging.getLogger("cxr.gateway"),
+            request_id="req 1\ninjected",
+            model="ensemble",
+            code="OK",
+            total_ms=12.5,
+            patient_name="Doe^Jane",
+            accession_number="A123",
+            pixels=np.zeros(3),
         )
     finally:
         cxr_logging.configure("INFO")  # back to stderr

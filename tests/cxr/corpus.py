@@ -131,7 +131,13 @@ def build(dicom_dir: Path, cxr_raw_dir: Path) -> list[Case]:
     # ---- nothing usable at all
     add("empty", b"", INVALID, "empty")
     add("one_byte", b"\x00", INVALID, "unknown_format")
-    add("random_bytes", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), INVALID, "unknown_format", "corrupt")
+    add(
+        "random_bytes",
+        np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        INVALID,
+        "unknown_format",
+        "corrupt",
+    )
     add("plain_text", b"this is not an image, it is a note about a patient\n" * 20, INVALID, "unknown_format")
     add("pdf", b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n", INVALID, "unknown_format")
     gif = io.BytesIO()
@@ -154,8 +160,15 @@ def build(dicom_dir: Path, cxr_raw_dir: Path) -> list[Case]:
     add("dicom_jpeg_garbage_frame", _encapsulated(read(SIIM_JPEG), [garbage], JPEGBaseline8Bit), INVALID, "corrupt")
     broken = bytearray(jpeg_frame)
     broken[200:4000] = b"\x00" * 3800  # wipe the Huffman tables and the start of the scan
-    add("dicom_jpeg_frame_cut_third", _encapsulated(read(SIIM_JPEG), [jpeg_frame[: len(jpeg_frame) // 3]], JPEGBaseline8Bit), INVALID, "truncated")
-    add("dicom_jpeg_wiped_tables", _encapsulated(read(SIIM_JPEG), [bytes(broken)], JPEGBaseline8Bit), INVALID, "corrupt")
+    add(
+        "dicom_jpeg_frame_cut_third",
+        _encapsulated(read(SIIM_JPEG), [jpeg_frame[: len(jpeg_frame) // 3]], JPEGBaseline8Bit),
+        INVALID,
+        "truncated",
+    )
+    add(
+        "dicom_jpeg_wiped_tables", _encapsulated(read(SIIM_JPEG), [bytes(broken)], JPEGBaseline8Bit), INVALID, "corrupt"
+    )
 
     # ---- DICOM: what we refuse by design
     rgb = copy.deepcopy(nih)
@@ -222,7 +235,12 @@ def build(dicom_dir: Path, cxr_raw_dir: Path) -> list[Case]:
     del big
     bomb = copy.deepcopy(nih)
     bomb.Rows, bomb.Columns = 64, 64  # the header lies; the codestream is the bomb
-    add("dicom_jpeg_bomb_8000x8000_in_64x64", _encapsulated(bomb, [bomb_frame], JPEGBaseline8Bit), TOO_LARGE, "too_many_pixels")
+    add(
+        "dicom_jpeg_bomb_8000x8000_in_64x64",
+        _encapsulated(bomb, [bomb_frame], JPEGBaseline8Bit),
+        TOO_LARGE,
+        "too_many_pixels",
+    )
     mismatch = copy.deepcopy(nih)
     mismatch.Rows, mismatch.Columns = 512, 512
     add("dicom_jpeg_size_mismatch", _encapsulated(mismatch, [jpeg_frame], JPEGBaseline8Bit), INVALID, "corrupt")
@@ -233,7 +251,9 @@ def build(dicom_dir: Path, cxr_raw_dir: Path) -> list[Case]:
     add("png_ihdr_crc_flipped", _flip(png_bytes, 29), INVALID, "corrupt", "truncated")
     add("png_idat_flipped", _flip(png_bytes, len(png_bytes) // 2), INVALID, "corrupt", "truncated")
     add("png_bad_signature", _flip(png_bytes, 1), INVALID, "unknown_format")
-    zero_width = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 256, 8, 0, 0, 0, 0)) + _chunk(b"IEND", b"")
+    zero_width = (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 256, 8, 0, 0, 0, 0)) + _chunk(b"IEND", b"")
+    )
     add("png_zero_width", zero_width, INVALID, "corrupt")
     add("png16_truncated", png16_bytes[: len(png16_bytes) * 2 // 3], INVALID, "truncated", "corrupt")
     add("png_bomb_8000x8000", png_bomb(8000, 8000), TOO_LARGE, "too_many_pixels")
@@ -252,7 +272,12 @@ def build(dicom_dir: Path, cxr_raw_dir: Path) -> list[Case]:
 
     # ---- strict decode (issue 10): damaged entropy-coded data, images too small to read, BitsStored 0
     add("jpeg_200_bytes_zeroed_mid_stream", zeroed_mid_stream(jpeg_bytes), INVALID, "corrupt")
-    add("dicom_jpeg_200_bytes_zeroed_mid_stream", _encapsulated(read(SIIM_JPEG), [zeroed_mid_stream(jpeg_frame)], JPEGBaseline8Bit), INVALID, "corrupt")
+    add(
+        "dicom_jpeg_200_bytes_zeroed_mid_stream",
+        _encapsulated(read(SIIM_JPEG), [zeroed_mid_stream(jpeg_frame)], JPEGBaseline8Bit),
+        INVALID,
+        "corrupt",
+    )
     add("png_1x1", _png(np.zeros((1, 1), dtype=np.uint8)), INVALID, "too_small")
     add("jpeg_31x256", _jpeg(small[:31]), INVALID, "too_small")
     tiny = copy.deepcopy(nih)

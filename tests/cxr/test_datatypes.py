@@ -33,9 +33,12 @@ def _identity_model(kind: datatypes.Datatype) -> bytes:
     from onnx import helper
 
     elem = helper.np_dtype_to_tensor_dtype(kind.dtype) if kind.dtype is not None else onnx.TensorProto.STRING
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
-                              [helper.make_tensor_value_info("x", elem, ["N", 3])],
-                              [helper.make_tensor_value_info("y", elem, ["N", 3])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", elem, ["N", 3])],
+        [helper.make_tensor_value_info("y", elem, ["N", 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()

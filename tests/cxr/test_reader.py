@@ -130,7 +130,11 @@ def test_png_8_and_16_bit_and_jpeg(cxr_raw_dir: Path):
     original = np.asarray(Image.open(path).convert("L"))
     assert np.array_equal(eight.pixels, original)
     # the same pixels as a 16-bit PNG spanning the full range decode to the same 8-bit image
-    stretched = ((original.astype(np.float64) - original.min()) * 65535.0 / (original.max() - original.min())).round().astype(np.uint16)
+    stretched = (
+        ((original.astype(np.float64) - original.min()) * 65535.0 / (original.max() - original.min()))
+        .round()
+        .astype(np.uint16)
+    )
     buffer = io.BytesIO()
     Image.fromarray(stretched).save(buffer, format="PNG")
     sixteen = read_image(buffer.getvalue())
@@ -187,7 +191,12 @@ def test_byte_limit(cxr_raw_dir: Path):
 
 def test_pixel_limit_applies_to_every_format(dicom_dir: Path, cxr_raw_dir: Path):
     limits = ImageLimits(max_pixels=200 * 200)
-    for path in [dicom_dir / corpus.NIH, dicom_dir / corpus.SIIM_JPEG, dicom_dir / corpus.J2K, sorted((cxr_raw_dir / "Normal").glob("*.png"))[0]]:
+    for path in [
+        dicom_dir / corpus.NIH,
+        dicom_dir / corpus.SIIM_JPEG,
+        dicom_dir / corpus.J2K,
+        sorted((cxr_raw_dir / "Normal").glob("*.png"))[0],
+    ]:
         with pytest.raises(ImageError) as info:
             read_image_file(path, limits)
         assert info.value.reason == "too_many_pixels", path.name
@@ -218,7 +227,9 @@ def test_damaged_files_give_an_image_or_an_image_error_never_anything_else(dicom
         except ImageError as exc:
             assert exc.reason and str(exc), name
             outcomes["refused"] += 1
-    assert outcomes["decoded"] and outcomes["refused"], outcomes  # the damage is neither always fatal nor always harmless
+    assert outcomes["decoded"] and outcomes["refused"], (
+        outcomes
+    )  # the damage is neither always fatal nor always harmless
 
 
 def test_signed_16_bit_with_rescale(dicom_dir: Path):

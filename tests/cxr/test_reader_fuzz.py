@@ -26,8 +26,20 @@ from tests.conftest import SHARED_DATA
 from tests.cxr.corpus import NIH, NO_PREAMBLE, _dicom_bytes, _encapsulated
 
 EXAMPLES = int(os.environ.get("CXR_FUZZ_EXAMPLES", "150"))
-REASONS = {"empty", "too_large", "unknown_format", "corrupt", "truncated", "too_many_pixels", "too_small",
-           "not_grayscale", "multi_frame", "no_pixel_data", "unsupported_bits", "unsupported_transfer_syntax"}
+REASONS = {
+    "empty",
+    "too_large",
+    "unknown_format",
+    "corrupt",
+    "truncated",
+    "too_many_pixels",
+    "too_small",
+    "not_grayscale",
+    "multi_frame",
+    "no_pixel_data",
+    "unsupported_bits",
+    "unsupported_transfer_syntax",
+}
 LIMITS = ImageLimits(max_bytes=8 * 1024 * 1024, max_pixels=4_000_000)
 
 
@@ -81,8 +93,13 @@ def mutated(draw) -> bytes:
 
 
 @pytest.mark.skipif(not SEEDS, reason="the real DICOM files are needed for the fuzz seeds (CXR_DICOM_DATA)")
-@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize="CXR_FUZZ_EXAMPLES" not in os.environ,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize="CXR_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(mutated())
 def test_mutated_files_decode_or_are_refused_with_a_reason(data: bytes):
     try:

@@ -19,15 +19,24 @@ CLASSES = toy_model.CLASSES
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
-    return {name: toy_model.build(folder / f"{name}.onnx", seed=seed)
-            for name, seed in (("custom_cnn", 0), ("mobilenet", 1))}
+    return {
+        name: toy_model.build(folder / f"{name}.onnx", seed=seed)
+        for name, seed in (("custom_cnn", 0), ("mobilenet", 1))
+    }
 
 
 def test_write_model_adds_versions_with_config_labels_and_card(onnx_files, tmp_path):
     repo = tmp_path / "repo"
     card = {"architecture": "custom_cnn", "metrics": {"accuracy": 0.5}, "data_source": "cxr-raw"}
-    v1 = repository.write_model(repo, "cnn", onnx_files["custom_cnn"], classes=CLASSES, image_size=16,
-                                model_card=card, parameters={"cxr.architecture": "custom_cnn"})
+    v1 = repository.write_model(
+        repo,
+        "cnn",
+        onnx_files["custom_cnn"],
+        classes=CLASSES,
+        image_size=16,
+        model_card=card,
+        parameters={"cxr.architecture": "custom_cnn"},
+    )
     v2 = repository.write_model(repo, "cnn", onnx_files["mobilenet"], classes=CLASSES, image_size=16, model_card=card)
     assert (v1, v2) == (repo / "cnn" / "1", repo / "cnn" / "2")
     assert repository.list_versions(repo / "cnn") == [1, 2] and repository.next_version(repo / "cnn") == 3
@@ -46,9 +55,11 @@ def test_write_model_adds_versions_with_config_labels_and_card(onnx_files, tmp_p
     (image,) = config.input
     assert (image.name, image.data_type, list(image.dims)) == ("image", DataType.TYPE_UINT8, [1, 16, 16])
     outputs = {o.name: (o.data_type, list(o.dims), o.label_filename) for o in config.output}
-    assert outputs == {"probabilities": (DataType.TYPE_FP32, [3], "labels.txt"),
-                       "logits": (DataType.TYPE_FP32, [3], "labels.txt"),
-                       "cam": (DataType.TYPE_FP32, [3, 2, 2], "")}  # the toy model has no input gate
+    assert outputs == {
+        "probabilities": (DataType.TYPE_FP32, [3], "labels.txt"),
+        "logits": (DataType.TYPE_FP32, [3], "labels.txt"),
+        "cam": (DataType.TYPE_FP32, [3, 2, 2], ""),
+    }  # the toy model has no input gate
     assert config.HasField("dynamic_batching") and config.dynamic_batching.default_queue_policy.max_queue_size > 0
     assert config.parameters["cxr.classes"].string_value == ",".join(CLASSES)
     assert config.parameters["cxr.image_size"].string_value == "16"
@@ -71,16 +82,19 @@ def test_write_model_refuses_what_would_corrupt_the_repository(onnx_files, tmp_p
     repo = tmp_path / "repo"
     repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card={})
     with pytest.raises(repository.RepositoryError, match="already exists"):
-        repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card={},
-                               version=1)
+        repository.write_model(
+            repo, "m", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card={}, version=1
+        )
     with pytest.raises(repository.RepositoryError, match="share its classes"):
-        repository.write_model(repo, "m", onnx_files["custom_cnn"], classes=["a", "b", "c"], image_size=16,
-                               model_card={})
+        repository.write_model(
+            repo, "m", onnx_files["custom_cnn"], classes=["a", "b", "c"], image_size=16, model_card={}
+        )
     with pytest.raises(repository.RepositoryError, match="not found"):
         repository.write_model(repo, "m", tmp_path / "missing.onnx", classes=CLASSES, image_size=16, model_card={})
     with pytest.raises(repository.RepositoryError, match="invalid model name"):
-        repository.write_model(repo, "../escape", onnx_files["custom_cnn"], classes=CLASSES, image_size=16,
-                               model_card={})
+        repository.write_model(
+            repo, "../escape", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card={}
+        )
     assert repository.list_versions(repo / "m") == [1]
 
 

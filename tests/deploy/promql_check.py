@@ -16,10 +16,27 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "cxr-serving.json"
 TARGET_LABELS = {"job", "instance", "service", "profile"}
 # Grafana's variables, replaced by representative values before parsing.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$model": ".*", "${datasource}": "x"}
-SAMPLE_SUFFIXES = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
-                   "gauge": [""], "summary": ["", "_sum", "_count", "_created"]}
-KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
-            "inf", "nan"}
+SAMPLE_SUFFIXES = {
+    "counter": ["_total", "_created"],
+    "histogram": ["_bucket", "_sum", "_count", "_created"],
+    "gauge": [""],
+    "summary": ["", "_sum", "_count", "_created"],
+}
+KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def exported_series() -> dict[str, set[str]]:
@@ -59,7 +76,7 @@ def metric_references(expr: str) -> tuple[dict[str, set[str]], set[str]]:
         name, matchers = match.group(1), match.group(2)
         if not name:
             continue
-        rest = expr[match.end():].lstrip()
+        rest = expr[match.end() :].lstrip()
         if (not matchers and rest.startswith("(")) or name.lower() in KEYWORDS:
             continue  # a function or aggregation, or a keyword
         if re.match(r"\d", expr[max(match.start() - 1, 0)]):

@@ -81,8 +81,9 @@ def test_default_stack_and_profiles(services):
     assert {n for n, s in services.items() if s.get("profiles") == ["pacs"]} == {"dicom", "orthanc"}
 
 
-@pytest.mark.parametrize("gateway,upstream", [("gateway", "inference"), ("gateway-gpu", "inference-gpu"),
-                                              ("gateway-triton", "triton")])
+@pytest.mark.parametrize(
+    "gateway,upstream", [("gateway", "inference"), ("gateway-gpu", "inference-gpu"), ("gateway-triton", "triton")]
+)
 def test_gateway_waits_for_a_healthy_upstream_and_points_at_it(services, gateway, upstream):
     svc = services[gateway]
     assert svc["depends_on"] == {upstream: {"condition": "service_healthy"}}
@@ -118,10 +119,18 @@ def test_registry_images_are_variables():
     assert defaults["prometheus"]["image"].startswith("prom/prometheus:v")
     assert defaults["grafana"]["image"].startswith("grafana/grafana:")
     assert defaults["triton"]["image"].startswith("nvcr.io/nvidia/tritonserver:")
-    pinned = compose_config(env={"PROMETHEUS_IMAGE": "mirror.example/prometheus:1", "GRAFANA_IMAGE": "mirror.example/grafana:2",
-                                 "TRITON_IMAGE": "mirror.example/triton:3"})["services"]
+    pinned = compose_config(
+        env={
+            "PROMETHEUS_IMAGE": "mirror.example/prometheus:1",
+            "GRAFANA_IMAGE": "mirror.example/grafana:2",
+            "TRITON_IMAGE": "mirror.example/triton:3",
+        }
+    )["services"]
     assert (pinned["prometheus"]["image"], pinned["grafana"]["image"], pinned["triton"]["image"]) == (
-        "mirror.example/prometheus:1", "mirror.example/grafana:2", "mirror.example/triton:3")
+        "mirror.example/prometheus:1",
+        "mirror.example/grafana:2",
+        "mirror.example/triton:3",
+    )
 
 
 def test_services_are_hardened(services):
@@ -187,11 +196,14 @@ def test_environment_names_settings_the_service_has(services):
         for env, value in (svc.get("environment") or {}).items():
             if not env.startswith("CXR_"):
                 continue
-            settings = next(s for s in (InferenceSettings, GatewaySettings, DicomSettings)
-                            if env.startswith(s.model_config["env_prefix"]))
+            settings = next(
+                s
+                for s in (InferenceSettings, GatewaySettings, DicomSettings)
+                if env.startswith(s.model_config["env_prefix"])
+            )
             prefix = settings.model_config["env_prefix"]
-            assert env.startswith(prefix) and env[len(prefix):].lower() in settings.model_fields, f"{name}: {env}"
-            settings(**{env[len(prefix):].lower(): value})
+            assert env.startswith(prefix) and env[len(prefix) :].lower() in settings.model_fields, f"{name}: {env}"
+            settings(**{env[len(prefix) :].lower(): value})
             checked += 1
     assert checked >= 3
 
@@ -213,9 +225,17 @@ def test_pacs_profile_the_node_and_orthanc_know_each_other(services):
 
     config = json.loads((ROOT / "deploy" / "orthanc" / "orthanc.json").read_text())
     [destination] = [Destination.parse(d) for d in args.destinations]
-    assert (destination.ae_title, destination.host, destination.port) == (config["DicomAet"], "orthanc", config["DicomPort"])
+    assert (destination.ae_title, destination.host, destination.port) == (
+        config["DicomAet"],
+        "orthanc",
+        config["DicomPort"],
+    )
     modality = config["DicomModalities"]["cxr"]
-    assert (modality["AET"], modality["Host"], modality["Port"]) == (node["environment"]["CXR_DICOM_AE_TITLE"], "dicom", args.port)
+    assert (modality["AET"], modality["Host"], modality["Port"]) == (
+        node["environment"]["CXR_DICOM_AE_TITLE"],
+        "dicom",
+        args.port,
+    )
     assert node["environment"]["CXR_DICOM_ALLOW_AE"] == config["DicomAet"]
     assert any(p.endswith("libOrthancDicomWeb.so") for p in config["Plugins"]) and config["DicomWeb"]["Enable"]
     script = (ROOT / "deploy" / "orthanc" / Path(config["LuaScripts"][0]).name).read_text()

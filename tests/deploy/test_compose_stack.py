@@ -41,8 +41,9 @@ class Stack:
     timings: dict[str, float] = field(default_factory=dict)
 
     def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([*self.compose, *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            [*self.compose, *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
         if check:
             assert done.returncode == 0, f"docker-compose {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
         return done
@@ -87,17 +88,26 @@ def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
 
 
 def classify(stack: Stack, image: Path, model: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxr", "classify", str(image), "--server", stack.gateway,
-                           "--model", model, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "cxr", "classify", str(image), "--server", stack.gateway, "--model", model, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="session")
 def docker_engine() -> None:
     """Session-scoped so that it runs before `trained_repository` (minutes of training) when there is no engine."""
-    require(shutil.which("docker") is not None and shutil.which("docker-compose") is not None,
-            "docker and docker-compose are not installed (see ../shared/tools/docker-local.sh)")
-    require(docker("info", timeout=30).returncode == 0,
-            "no Docker engine reachable: run `eval \"$(../shared/tools/docker-local.sh)\"` first")
+    require(
+        shutil.which("docker") is not None and shutil.which("docker-compose") is not None,
+        "docker and docker-compose are not installed (see ../shared/tools/docker-local.sh)",
+    )
+    require(
+        docker("info", timeout=30).returncode == 0,
+        'no Docker engine reachable: run `eval "$(../shared/tools/docker-local.sh)"` first',
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +120,24 @@ def stack(docker_engine: None, trained_repository: Path, tmp_path_factory) -> St
         path.chmod(0o755 if path.is_dir() else 0o644)
 
     gateway_port, prometheus_port = free_port(), free_port()
-    env = {**os.environ, "CXR_MODEL_REPOSITORY": str(repository), "CXR_BIND_ADDRESS": "127.0.0.1",
-           "CXR_GATEWAY_PORT": str(gateway_port), "PROMETHEUS_PORT": str(prometheus_port), "CXR_IMAGE_TAG": "test",
-           "ORTHANC_HTTP_PORT": str(free_port()), "ORTHANC_DICOM_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "CXR_MODEL_REPOSITORY": str(repository),
+        "CXR_BIND_ADDRESS": "127.0.0.1",
+        "CXR_GATEWAY_PORT": str(gateway_port),
+        "PROMETHEUS_PORT": str(prometheus_port),
+        "CXR_IMAGE_TAG": "test",
+        "ORTHANC_HTTP_PORT": str(free_port()),
+        "ORTHANC_DICOM_PORT": str(free_port()),
+    }
     project = f"cxrtest{os.getpid()}"
-    stack = Stack(compose=["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "-p", project], env=env,
-                  repository=repository, gateway=f"127.0.0.1:{gateway_port}",
-                  prometheus=f"http://127.0.0.1:{prometheus_port}")
+    stack = Stack(
+        compose=["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "-p", project],
+        env=env,
+        repository=repository,
+        gateway=f"127.0.0.1:{gateway_port}",
+        prometheus=f"http://127.0.0.1:{prometheus_port}",
+    )
     try:
         start = time.monotonic()
         stack.run("build", "inference", "gateway", timeout=1500)
@@ -125,11 +146,18 @@ def stack(docker_engine: None, trained_repository: Path, tmp_path_factory) -> St
         start = time.monotonic()
         stack.run("up", "-d", *SERVICES, timeout=300)  # the gateway starts once inference is healthy
         wait_for(lambda: health(stack, "gateway") == "healthy", 120, "the gateway's health check")
-        wait_for(lambda: requests.get(f"{stack.prometheus}/-/ready", timeout=5).ok
-                 if _reachable(stack.prometheus) else False, 60, "Prometheus to be ready")
+        wait_for(
+            lambda: (
+                requests.get(f"{stack.prometheus}/-/ready", timeout=5).ok if _reachable(stack.prometheus) else False
+            ),
+            60,
+            "Prometheus to be ready",
+        )
         stack.timings["up_to_healthy_s"] = time.monotonic() - start
-        print(f"\ncompose stack: build {stack.timings['build_s']:.1f} s, "
-              f"up to healthy {stack.timings['up_to_healthy_s']:.1f} s")
+        print(
+            f"\ncompose stack: build {stack.timings['build_s']:.1f} s, "
+            f"up to healthy {stack.timings['up_to_healthy_s']:.1f} s"
+        )
         yield stack
     finally:
         if sys.exc_info()[0] is not None or os.environ.get("CXR_COMPOSE_LOGS"):
@@ -163,7 +191,10 @@ def test_classify_a_radiograph_through_the_gateway_and_count_it_in_prometheus(st
     labels = (stack.repository / model / "labels.txt").read_text().split("\n")
     assert [c["label"] for c in answer["classes"]] == [label for label in labels if label]
     probabilities = [c["probability"] for c in answer["classes"]]
-    assert abs(sum(probabilities) - 1) < 1e-3 and answer["top_class"] == answer["classes"][probabilities.index(max(probabilities))]["label"]
+    assert (
+        abs(sum(probabilities) - 1) < 1e-3
+        and answer["top_class"] == answer["classes"][probabilities.index(max(probabilities))]["label"]
+    )
     assert answer["model_name"] == model
     card = json.loads((stack.repository / model / answer["model_version"] / "model_card.json").read_text())
     assert answer["model_sha256"] == card["sha256"], "the container served a different file than the repository holds"
@@ -180,12 +211,19 @@ def test_classify_a_radiograph_through_the_gateway_and_count_it_in_prometheus(st
         counts = {r["metric"].get("code"): float(r["value"][1]) for r in result}
         served = prometheus_query(stack, f'sum(cxr_inference_request_success_total{{model="{model}"}})')
         # wait for a scrape that saw both requests: one scrape may fall between them
-        if counts.get("OK", 0) >= 1 and counts.get("INVALID_ARGUMENT", 0) >= 1 and served and float(served[0]["value"][1]) >= 1:
+        if (
+            counts.get("OK", 0) >= 1
+            and counts.get("INVALID_ARGUMENT", 0) >= 1
+            and served
+            and float(served[0]["value"][1]) >= 1
+        ):
             return counts
         return None
 
     counts = wait_for(counted, 60, "Prometheus to scrape the request counters", interval=2)
-    assert counts == {"OK": 1, "INVALID_ARGUMENT": 1}, f"one OK and one refused request expected, Prometheus has {counts}"
+    assert counts == {"OK": 1, "INVALID_ARGUMENT": 1}, (
+        f"one OK and one refused request expected, Prometheus has {counts}"
+    )
     assert stack.run("ps").stdout.count("Up") == len(SERVICES)
 
 
@@ -216,8 +254,10 @@ def test_images_run_non_root_without_torch(stack: Stack):
         assert inspect["Config"]["Healthcheck"]["Test"][-1].count("grpc_health_check.py") == 1
         assert "not for clinical use" in inspect["Config"]["Labels"]["org.opencontainers.image.description"]
         sizes[service] = inspect["Size"]
-        probe = ("import importlib.util as u; "
-                 "print(u.find_spec('torch') is None, u.find_spec('training') is None, u.find_spec('onnxruntime') is not None)")
+        probe = (
+            "import importlib.util as u; "
+            "print(u.find_spec('torch') is None, u.find_spec('training') is None, u.find_spec('onnxruntime') is not None)"
+        )
         done = docker("run", "--rm", "--entrypoint", "python", image, "-c", probe, env=stack.env)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["True", "True", str(has_onnxruntime)], f"{image}: {done.stdout}"
@@ -236,8 +276,11 @@ def test_pacs_profile_orthanc_routes_a_radiograph_to_the_node_and_gets_sr_and_sc
         start = time.monotonic()
         stack.run(*pacs, "build", "dicom", "orthanc", timeout=1500)
         stack.run(*pacs, "up", "-d", "dicom", "orthanc", timeout=300)
-        wait_for(lambda: health(stack, "dicom") == "healthy" and health(stack, "orthanc") == "healthy", 120,
-                 "the node's C-ECHO and Orthanc's health checks")
+        wait_for(
+            lambda: health(stack, "dicom") == "healthy" and health(stack, "orthanc") == "healthy",
+            120,
+            "the node's C-ECHO and Orthanc's health checks",
+        )
         print(f"\npacs profile: build + up to healthy {time.monotonic() - start:.1f} s")
         orthanc = f"http://127.0.0.1:{stack.env['ORTHANC_HTTP_PORT']}"
         path = next(dicom_dir.glob("nih_*.dcm"))

@@ -32,8 +32,10 @@ def test_dashboard_parses_and_is_provisionable(dashboard):
         if panel["type"] != "row":
             assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
     datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
-    assert datasource["datasources"][0]["uid"] == next(
-        v for v in dashboard["templating"]["list"] if v["name"] == "datasource")["current"]["value"]
+    assert (
+        datasource["datasources"][0]["uid"]
+        == next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")["current"]["value"]
+    )
 
 
 def test_every_expression_names_metrics_and_labels_we_export(dashboard):
@@ -63,7 +65,9 @@ def test_the_checker_catches_unknown_metrics_and_labels():
     metrics, grouping = metric_references('sum by (modle) (rate(cxr_gateway_requestz_total{code!="OK"}[1m])) / 2e3')
     assert metrics == {"cxr_gateway_requestz_total": {"code"}} and grouping == {"modle"}
     assert "cxr_gateway_requestz_total" not in series
-    metrics, _ = metric_references('histogram_quantile(0.95, sum by (le) (rate(cxr_inference_batch_size_bucket{colour="x"}[5m])))')
+    metrics, _ = metric_references(
+        'histogram_quantile(0.95, sum by (le) (rate(cxr_inference_batch_size_bucket{colour="x"}[5m])))'
+    )
     assert not metrics["cxr_inference_batch_size_bucket"] <= series["cxr_inference_batch_size_bucket"]
 
 
@@ -72,8 +76,13 @@ def test_dashboard_covers_what_operators_ask_for(dashboard):
     assert "rate(cxr_gateway_requests_total" in text, "request rate"
     assert 'code!="OK"' in text, "error rate"
     for phi in ("0.5", "0.95", "0.99"):
-        assert re.search(rf"histogram_quantile\({phi}, sum by \(le, model\) \(rate\(cxr_gateway_request_seconds_bucket", text)
-        assert re.search(rf"histogram_quantile\({phi}, sum by \(le, model\) \(rate\(cxr_inference_queue_duration_seconds_bucket", text)
+        assert re.search(
+            rf"histogram_quantile\({phi}, sum by \(le, model\) \(rate\(cxr_gateway_request_seconds_bucket", text
+        )
+        assert re.search(
+            rf"histogram_quantile\({phi}, sum by \(le, model\) \(rate\(cxr_inference_queue_duration_seconds_bucket",
+            text,
+        )
     assert "cxr_inference_batch_size_sum" in text and "cxr_inference_batch_size_count" in text, "batch size"
     assert "cxr_gateway_in_flight_requests" in text and "cxr_inference_pending_requests" in text, "in-flight"
 
@@ -81,12 +90,23 @@ def test_dashboard_covers_what_operators_ask_for(dashboard):
 def test_expressions_are_valid_promql(dashboard, tmp_path: Path):
     promtool = shutil.which("promtool")
     require(promtool is not None, "promtool not installed (Debian package prometheus)")
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"cxr:dashboard_check:{i}", "expr": substitute(e)} for i, e in enumerate(expressions(dashboard))]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"cxr:dashboard_check:{i}", "expr": substitute(e)}
+                    for i, e in enumerate(expressions(dashboard))
+                ],
+            }
+        ]
+    }
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
     done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     # and promtool really parses: a broken expression fails
-    path.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "a:b", "expr": "sum by (model (up)"}]}]}))
+    path.write_text(
+        yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "a:b", "expr": "sum by (model (up)"}]}]})
+    )
     assert subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, timeout=60).returncode != 0

@@ -153,9 +153,12 @@ def test_environment_names_settings_the_service_has(objects, name):
     names = [e["name"] for e in container.get("env", []) if e["name"].startswith("CXR_")]
     assert names
     for env in names:
-        assert env.startswith(prefix) and env[len(prefix):].lower() in settings.model_fields, f"{env}: no such setting"
-    values = {e["name"][len(prefix):].lower(): e["value"] for e in container["env"]
-              if e["name"].startswith(prefix) and "value" in e}  # (secrets come by valueFrom)
+        assert env.startswith(prefix) and env[len(prefix) :].lower() in settings.model_fields, f"{env}: no such setting"
+    values = {
+        e["name"][len(prefix) :].lower(): e["value"]
+        for e in container["env"]
+        if e["name"].startswith(prefix) and "value" in e
+    }  # (secrets come by valueFrom)
     settings(**values)  # and the values have the right types
 
 

@@ -58,7 +58,10 @@ def graph_tensors(model_file: Path) -> dict[str, tuple[str, list[int]]]:
             continue
         tensor_type = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
-        tensors[value.name] = (ONNX_TO_TRITON.get(tensor_type.elem_type, f"onnx elem_type {tensor_type.elem_type}"), shape)
+        tensors[value.name] = (
+            ONNX_TO_TRITON.get(tensor_type.elem_type, f"onnx elem_type {tensor_type.elem_type}"),
+            shape,
+        )
     return tensors
 
 
@@ -83,7 +86,9 @@ def check_model(model_dir: Path) -> list[str]:
     versions = sorted(int(p.name) for p in subdirs if p.name.isdigit() and not p.name.startswith("0"))
     for p in subdirs:
         if not (p.name.isdigit() and not p.name.startswith("0")):
-            problems.append(f"{name}: folder {p.name!r} is not a version Triton serves (positive integer, no leading 0)")
+            problems.append(
+                f"{name}: folder {p.name!r} is not a version Triton serves (positive integer, no leading 0)"
+            )
     if not versions:
         problems.append(f"{name}: no version folder")
     filename = config.default_model_filename or DEFAULT_MODEL_FILENAME.get(config.platform, "model.onnx")
@@ -142,7 +147,9 @@ def check_model(model_dir: Path) -> list[str]:
             continue
         labels = [line for line in labels_file.read_text().splitlines() if line.strip()]
         if list(output.dims)[-1:] != [len(labels)]:
-            problems.append(f"{name}: {output.label_filename} has {len(labels)} labels, output dims are {list(output.dims)}")
+            problems.append(
+                f"{name}: {output.label_filename} has {len(labels)} labels, output dims are {list(output.dims)}"
+            )
     return problems
 
 

@@ -35,8 +35,11 @@ def dicom_inference(pacs_available, trained_repository: Path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dicom_gateway(dicom_inference, trained_repository: Path, tmp_path_factory):
-    gateway = processes.start_gateway(dicom_inference.address, tmp_path_factory.mktemp("dicom-gateway"),
-                                      extra=["--model-repository", str(trained_repository)])
+    gateway = processes.start_gateway(
+        dicom_inference.address,
+        tmp_path_factory.mktemp("dicom-gateway"),
+        extra=["--model-repository", str(trained_repository)],
+    )
     processes.wait_ready(gateway.address)
     yield gateway
     gateway.stop()
@@ -62,11 +65,34 @@ def pacs(pacs_available, node_port: int, tmp_path_factory):
     server.stop()
 
 
-def start_node(gateway: str, workdir: Path, destinations: list[str], *, port: int = 0, dicomweb: str = "",
-               extra: list[str] | None = None) -> ServiceProcess:
-    argv = ["--gateway", gateway, "--host", "127.0.0.1", "--port", str(port), "--ae-title", NODE_AE,
-            "--spool", str(workdir / "spool"), "--metrics-port", str(orthanc.free_port()),
-            "--retry-backoff", "0.2", "--retry-backoff-max", "2", *(extra or [])]
+def start_node(
+    gateway: str,
+    workdir: Path,
+    destinations: list[str],
+    *,
+    port: int = 0,
+    dicomweb: str = "",
+    extra: list[str] | None = None,
+) -> ServiceProcess:
+    argv = [
+        "--gateway",
+        gateway,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ae-title",
+        NODE_AE,
+        "--spool",
+        str(workdir / "spool"),
+        "--metrics-port",
+        str(orthanc.free_port()),
+        "--retry-backoff",
+        "0.2",
+        "--retry-backoff-max",
+        "2",
+        *(extra or []),
+    ]
     if destinations:
         argv += [arg for d in destinations for arg in ("--destination", d)]
     if dicomweb:
@@ -77,8 +103,13 @@ def start_node(gateway: str, workdir: Path, destinations: list[str], *, port: in
 @pytest.fixture(scope="module")
 def node(dicom_gateway, pacs, node_port: int, tmp_path_factory):
     """The node as Orthanc knows it: accepts only Orthanc's AE title, sends results back to Orthanc by C-STORE."""
-    service = start_node(dicom_gateway.address, tmp_path_factory.mktemp("node"), [pacs.destination], port=node_port,
-                         extra=["--allow-ae", orthanc.AE_TITLE])
+    service = start_node(
+        dicom_gateway.address,
+        tmp_path_factory.mktemp("node"),
+        [pacs.destination],
+        port=node_port,
+        extra=["--allow-ae", orthanc.AE_TITLE],
+    )
     yield service
     assert service.stop() == 0, "the node must shut down cleanly on SIGTERM"
 
@@ -110,4 +141,3 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.25):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-

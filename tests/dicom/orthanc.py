@@ -82,7 +82,9 @@ class Orthanc:
         }
         (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
         log = open(workdir / "orthanc.log", "ab")
-        process = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+        process = subprocess.Popen(
+            [ORTHANC, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=workdir
+        )
         pacs = cls(process, http_port, dicom_port, workdir)
         deadline = time.monotonic() + timeout
         while True:
@@ -94,7 +96,9 @@ class Orthanc:
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.monotonic() > deadline:
                     process.kill()
-                    raise RuntimeError(f"Orthanc did not answer within {timeout:.0f} s:\n{pacs.log_text()[-3000:]}") from None
+                    raise RuntimeError(
+                        f"Orthanc did not answer within {timeout:.0f} s:\n{pacs.log_text()[-3000:]}"
+                    ) from None
                 time.sleep(0.2)
 
     def log_text(self) -> str:
@@ -116,10 +120,20 @@ class Orthanc:
         self.stop()
 
     # ---- REST -------------------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
-                timeout: float = 120.0) -> bytes:
-        request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers={"Content-Type": content_type} if body is not None else {})
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        timeout: float = 120.0,
+    ) -> bytes:
+        request = urllib.request.Request(
+            self.url + path,
+            data=body,
+            method=method,
+            headers={"Content-Type": content_type} if body is not None else {},
+        )
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             return reply.read()
 

@@ -48,7 +48,9 @@ def results(pacs: orthanc.Orthanc, study: str, source_uid: str | None = None) ->
     for series in pacs.study_series(study):
         modality = series["MainDicomTags"].get("Modality")
         if modality in found:
-            found[modality] += [i for i in series["Instances"] if source_uid is None or referenced(pacs, i) == source_uid]
+            found[modality] += [
+                i for i in series["Instances"] if source_uid is None or referenced(pacs, i) == source_uid
+            ]
     return found
 
 
@@ -57,12 +59,20 @@ def referenced(pacs: orthanc.Orthanc, instance_id: str) -> str:
     ds = pydicom.dcmread(io.BytesIO(pacs.instance_file(instance_id)), stop_before_pixels=True)
     if "SourceImageSequence" in ds:
         return ds.SourceImageSequence[0].ReferencedSOPInstanceUID
-    return ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    return (
+        ds.CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+    )
 
 
-def wait_results(pacs: orthanc.Orthanc, study: str, source_uid: str | None = None, timeout: float = 90) -> dict[str, list[str]]:
-    return wait_for(lambda: (r := results(pacs, study, source_uid))["SR"] and r["OT"] and r, timeout,
-                    "the SR and SC in the study")
+def wait_results(
+    pacs: orthanc.Orthanc, study: str, source_uid: str | None = None, timeout: float = 90
+) -> dict[str, list[str]]:
+    return wait_for(
+        lambda: (r := results(pacs, study, source_uid))["SR"] and r["OT"] and r, timeout, "the SR and SC in the study"
+    )
 
 
 def sr_probabilities(sr: hd.sr.Comprehensive3DSR) -> dict[str, float]:
@@ -86,7 +96,9 @@ def copy_with_new_uids(path: Path, **changes) -> bytes:
     return out.getvalue()
 
 
-def test_every_file_goes_round_the_pacs_and_the_sr_matches_a_direct_classify(node, pacs, gateway_stub, dicom_dir, tmp_path):
+def test_every_file_goes_round_the_pacs_and_the_sr_matches_a_direct_classify(
+    node, pacs, gateway_stub, dicom_dir, tmp_path
+):
     sent = {}
     for path in dicom_files(dicom_dir):
         upload = pacs.upload(path.read_bytes())
@@ -111,17 +123,33 @@ def test_every_file_goes_round_the_pacs_and_the_sr_matches_a_direct_classify(nod
         assert sr.PatientID == source.get("PatientID", "")
         assert sr.VerificationFlag == "UNVERIFIED"
         assert NOT_FOR_CLINICAL_USE in sr.SeriesDescription
-        assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-        [equipment] = [e for e in sr.ContributingEquipmentSequence if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
-                       and e.Manufacturer == "cxr"]  # IHE AIR: the algorithm as processing equipment
+        assert (
+            sr.CurrentRequestedProcedureEvidenceSequence[0]
+            .ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence[0]
+            .ReferencedSOPInstanceUID
+            == source.SOPInstanceUID
+        )
+        [equipment] = [
+            e
+            for e in sr.ContributingEquipmentSequence
+            if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102" and e.Manufacturer == "cxr"
+        ]  # IHE AIR: the algorithm as processing equipment
         assert equipment.DeviceUID
 
         direct = gateway_stub.Classify(pb.ClassifyRequest(image=path.read_bytes()), timeout=60)
-        assert equipment.ManufacturerModelName == direct.model_name and direct.model_sha256 in equipment.SoftwareVersions
+        assert (
+            equipment.ManufacturerModelName == direct.model_name and direct.model_sha256 in equipment.SoftwareVersions
+        )
         probabilities = sr_probabilities(sr)
         assert list(probabilities) == [c.label for c in direct.classes]
         for c in direct.classes:
-            assert abs(probabilities[c.label] - c.probability) <= 1e-6, (path.name, c.label, probabilities[c.label], c.probability)
+            assert abs(probabilities[c.label] - c.probability) <= 1e-6, (
+                path.name,
+                c.label,
+                probabilities[c.label],
+                c.probability,
+            )
         top_group = sr.content.get_image_measurement_groups()[0]
         assert top_group.finding_type.meaning == direct.top_class
 
@@ -139,7 +167,10 @@ def test_every_file_goes_round_the_pacs_and_the_sr_matches_a_direct_classify(nod
 
     assert metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination) == len(sent)
     assert metric(node, "cxr_dicom_end_to_end_seconds_count") == len(sent)
-    assert metric(node, "cxr_dicom_spool_depth", stage="incoming") == 0 and metric(node, "cxr_dicom_spool_depth", stage="outbox") == 0
+    assert (
+        metric(node, "cxr_dicom_spool_depth", stage="incoming") == 0
+        and metric(node, "cxr_dicom_spool_depth", stage="outbox") == 0
+    )
     lines = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
     stored = [line for line in lines if line.get("msg") == "instance" and line.get("outcome") == "stored"]
     assert len(stored) == len(sent) and all(len(line["instance"]) == 16 for line in stored)
@@ -151,12 +182,18 @@ def test_a_resent_instance_is_stored_only_once(node, pacs, dicom_dir):
     study, uid = upload["ParentStudy"], str(pydicom.dcmread(path, force=True, stop_before_pixels=True).SOPInstanceUID)
     before_sent = metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination)
     pacs.store("cxr", upload["ID"])
-    wait_for(lambda: metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination) >= before_sent + 1, 90,
-             "the node to send its results")
+    wait_for(
+        lambda: metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination) >= before_sent + 1,
+        90,
+        "the node to send its results",
+    )
     first = results(pacs, study, uid)
     pacs.store("cxr", upload["ID"])  # the PACS sends the same instance again
-    wait_for(lambda: metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination) >= before_sent + 2, 90,
-             "the node to send the results of the re-sent instance")
+    wait_for(
+        lambda: metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination) >= before_sent + 2,
+        90,
+        "the node to send the results of the re-sent instance",
+    )
     again = results(pacs, study, uid)
     assert len(again["SR"]) == 1 and len(again["OT"]) == 1, f"a re-send created duplicates: {again}"
     assert again == first, "the re-sent instance's results must carry the same SOP Instance UIDs"
@@ -165,13 +202,21 @@ def test_a_resent_instance_is_stored_only_once(node, pacs, dicom_dir):
 def test_an_unknown_calling_ae_title_is_refused(node, pacs):
     require(shutil.which("echoscu") is not None, "echoscu (Debian's dcmtk) is not installed")
     before = metric(node, "cxr_dicom_associations_total", result="rejected")
-    refused = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", NODE_AE, "127.0.0.1", str(node.port)],
-                             capture_output=True, text=True, timeout=30)
+    refused = subprocess.run(
+        ["echoscu", "-aet", "INTRUDER", "-aec", NODE_AE, "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert refused.returncode != 0
     assert metric(node, "cxr_dicom_associations_total", result="rejected") == before + 1
     assert any('"calling_ae":"INTRUDER"' in line and '"rejected"' in line for line in node.log_text().splitlines())
-    accepted = subprocess.run(["echoscu", "-aet", orthanc.AE_TITLE, "-aec", NODE_AE, "127.0.0.1", str(node.port)],
-                              capture_output=True, text=True, timeout=30)
+    accepted = subprocess.run(
+        ["echoscu", "-aet", orthanc.AE_TITLE, "-aec", NODE_AE, "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert accepted.returncode == 0, accepted.stderr
     pacs.post_json("/modalities/cxr/echo", {})  # Orthanc's own C-ECHO to the node: an HTTP error when it fails
 
@@ -180,8 +225,11 @@ def _push_and_wait_refused(node, pacs, data: bytes, reason: str) -> str:
     upload = pacs.upload(data)
     before = metric(node, "cxr_dicom_instances_refused_total", reason=reason)
     pacs.store("cxr", upload["ID"])
-    wait_for(lambda: metric(node, "cxr_dicom_instances_refused_total", reason=reason) >= before + 1, 60,
-             f"the node to count a refusal ({reason})")
+    wait_for(
+        lambda: metric(node, "cxr_dicom_instances_refused_total", reason=reason) >= before + 1,
+        60,
+        f"the node to count a refusal ({reason})",
+    )
     return upload["ParentStudy"]
 
 
@@ -195,15 +243,17 @@ def test_an_unreadable_instance_produces_no_finding_objects_and_is_counted(node,
 @pytest.mark.skipif(not GATE, reason="needs the gateway's input gate (i8-gate: refusals not_radiograph, lateral_view)")
 def test_a_ct_instance_and_a_lateral_view_produce_no_finding_objects_and_are_counted(node, pacs, dicom_dir):
     nih = next(p for p in dicom_files(dicom_dir) if p.name.startswith("nih_"))
-    ct = _push_and_wait_refused(node, pacs, copy_with_new_uids(nih, Modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2"),
-                                "not_radiograph")
+    ct = _push_and_wait_refused(
+        node, pacs, copy_with_new_uids(nih, Modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2"), "not_radiograph"
+    )
     lateral = _push_and_wait_refused(node, pacs, copy_with_new_uids(nih, ViewPosition="LL"), "lateral_view")
     for study in (ct, lateral):
         assert results(pacs, study) == {"SR": [], "OT": []}
 
 
 def test_kill_9_between_acknowledgement_and_processing_then_restart_gives_each_instance_its_results_once(
-        dicom_gateway, pacs, dicom_dir, tmp_path):
+    dicom_gateway, pacs, dicom_dir, tmp_path
+):
     # The node acknowledges and spools, but its gateway is unreachable: nothing gets processed. Then kill -9.
     port = orthanc.free_port()
     pacs.add_modality("cxr-crash", NODE_AE, "127.0.0.1", port)
@@ -223,8 +273,14 @@ def test_kill_9_between_acknowledgement_and_processing_then_restart_gives_each_i
         for upload in uploads:
             found = wait_results(pacs, upload["ParentStudy"])
             assert len(found["SR"]) == 1 and len(found["OT"]) == 1, found
-        wait_for(lambda: metric(restarted, "cxr_dicom_spool_depth", stage="incoming") == 0
-                 and metric(restarted, "cxr_dicom_spool_depth", stage="outbox") == 0, 30, "the spool to drain")
+        wait_for(
+            lambda: (
+                metric(restarted, "cxr_dicom_spool_depth", stage="incoming") == 0
+                and metric(restarted, "cxr_dicom_spool_depth", stage="outbox") == 0
+            ),
+            30,
+            "the spool to drain",
+        )
         assert metric(restarted, "cxr_dicom_results_sent_total", destination=pacs.destination) == len(uploads)
     finally:
         assert restarted.stop() == 0
@@ -242,8 +298,11 @@ def test_stow_rs_to_orthancs_dicomweb_plugin_and_c_store_to_a_second_pacs(dicom_
             pacs.store("cxr-stow", upload["ID"])
             found = wait_results(pacs, upload["ParentStudy"])
             assert len(found["SR"]) == 1 and len(found["OT"]) == 1
-            wait_for(lambda: metric(node, "cxr_dicom_results_sent_total", destination=archive.destination) == 1, 60,
-                     "the C-STORE to the archive")
+            wait_for(
+                lambda: metric(node, "cxr_dicom_results_sent_total", destination=archive.destination) == 1,
+                60,
+                "the C-STORE to the archive",
+            )
             assert metric(node, "cxr_dicom_results_sent_total", destination="dicomweb") == 1
             archived = {s["MainDicomTags"]["Modality"] for s in archive.get("/series?expand")}
             assert archived == {"SR", "OT"}, "the archive gets the results (and only them: it never had the source)"
@@ -255,8 +314,13 @@ def test_a_destination_that_never_answers_ends_in_the_dead_letter_folder(dicom_g
     port = orthanc.free_port()
     pacs.add_modality("cxr-dead", NODE_AE, "127.0.0.1", port)
     nowhere = f"NOWHERE@127.0.0.1:{orthanc.free_port()}"
-    node = start_node(dicom_gateway.address, tmp_path, [nowhere], port=port,
-                      extra=["--send-attempts", "3", "--retry-backoff", "0.05", "--network-timeout", "5"])
+    node = start_node(
+        dicom_gateway.address,
+        tmp_path,
+        [nowhere],
+        port=port,
+        extra=["--send-attempts", "3", "--retry-backoff", "0.05", "--network-timeout", "5"],
+    )
     try:
         siim = next(p for p in dicom_files(dicom_dir) if p.name.startswith("siim_"))
         upload = pacs.upload(copy_with_new_uids(siim))
@@ -265,9 +329,16 @@ def test_a_destination_that_never_answers_ends_in_the_dead_letter_folder(dicom_g
         assert metric(node, "cxr_dicom_results_failed_total", destination=nowhere) == 3
         [letter] = list((tmp_path / "spool" / "dead-letter").iterdir())
         reason = json.loads((letter / "reason.json").read_text())
-        assert reason["stage"] == "send" and reason["failed"] == {nowhere: "association_failed"} and reason["attempts"] == 3
+        assert (
+            reason["stage"] == "send"
+            and reason["failed"] == {nowhere: "association_failed"}
+            and reason["attempts"] == 3
+        )
         assert sorted(p.name for p in letter.glob("*.dcm")) == ["sc.dcm", "sr.dcm"]
-        assert pydicom.dcmread(letter / "sr.dcm").StudyInstanceUID == pydicom.dcmread(io.BytesIO(pacs.instance_file(upload["ID"]))).StudyInstanceUID
+        assert (
+            pydicom.dcmread(letter / "sr.dcm").StudyInstanceUID
+            == pydicom.dcmread(io.BytesIO(pacs.instance_file(upload["ID"]))).StudyInstanceUID
+        )
     finally:
         assert node.stop() == 0
 
@@ -281,8 +352,11 @@ def test_results_routed_back_to_the_node_are_not_classified_again(node, pacs, di
     found = wait_results(pacs, upload["ParentStudy"], uid)
     before = metric(node, "cxr_dicom_instances_refused_total", reason="own_result")
     pacs.store("cxr", found["SR"][0], found["OT"][0])
-    wait_for(lambda: metric(node, "cxr_dicom_instances_refused_total", reason="own_result") == before + 2, 60,
-             "the node to recognise its own results")
+    wait_for(
+        lambda: metric(node, "cxr_dicom_instances_refused_total", reason="own_result") == before + 2,
+        60,
+        "the node to recognise its own results",
+    )
     assert results(pacs, upload["ParentStudy"]) == results(pacs, upload["ParentStudy"], uid) == found
 
 
@@ -292,8 +366,10 @@ def test_no_patient_data_in_the_nodes_logs_or_metrics(node, pacs, dicom_dir):
     nih = next(p for p in dicom_files(dicom_dir) if p.name.startswith("nih_"))
     planted = {k: v for k, v in PLANTED.items() if not k.endswith("InstanceUID")}
     data = copy_with_new_uids(nih, **planted)
-    uids = {k: str(getattr(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True), k))
-            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    uids = {
+        k: str(getattr(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True), k))
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    }
     upload = pacs.upload(data)
     pacs.store("cxr", upload["ID"])
     found = wait_results(pacs, upload["ParentStudy"], uids["SOPInstanceUID"])
@@ -305,24 +381,49 @@ def test_no_patient_data_in_the_nodes_logs_or_metrics(node, pacs, dicom_dir):
 
 
 def test_the_node_passes_tls_and_a_token_on_to_the_gateway_and_dead_letters_what_the_gateway_never_accepts(
-        dicom_inference, pacs, dicom_dir, tmp_path):
+    dicom_inference, pacs, dicom_dir, tmp_path
+):
     from tests.gateway import processes
     from tests.gateway.certs import make_pki
 
     pki = make_pki(tmp_path / "pki")
     (tmp_path / "tokens").write_text("node-secret\n")
-    gateway = processes.start_gateway(dicom_inference.address, tmp_path / "gateway", extra=[
-        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
-        "--auth-token-file", str(tmp_path / "tokens")])
+    gateway = processes.start_gateway(
+        dicom_inference.address,
+        tmp_path / "gateway",
+        extra=[
+            "--tls-cert",
+            str(pki.server_cert),
+            "--tls-key",
+            str(pki.server_key),
+            "--tls-client-ca",
+            str(pki.ca),
+            "--auth-token-file",
+            str(tmp_path / "tokens"),
+        ],
+    )
     siim = next(p for p in dicom_files(dicom_dir) if p.name.startswith("siim_"))
-    tls = ["--gateway-tls", "--gateway-ca", str(pki.ca), "--gateway-cert", str(pki.client_cert), "--gateway-key", str(pki.client_key)]
+    tls = [
+        "--gateway-tls",
+        "--gateway-ca",
+        str(pki.ca),
+        "--gateway-cert",
+        str(pki.client_cert),
+        "--gateway-key",
+        str(pki.client_key),
+    ]
     try:
         (tmp_path / "good").mkdir()
         (tmp_path / "good" / "token").write_text("node-secret\n")
         port = orthanc.free_port()
         pacs.add_modality("cxr-tls", NODE_AE, "127.0.0.1", port)
-        node = start_node(gateway.address, tmp_path / "good", [pacs.destination], port=port,
-                          extra=[*tls, "--gateway-token-file", str(tmp_path / "good" / "token")])
+        node = start_node(
+            gateway.address,
+            tmp_path / "good",
+            [pacs.destination],
+            port=port,
+            extra=[*tls, "--gateway-token-file", str(tmp_path / "good" / "token")],
+        )
         try:
             upload = pacs.upload(copy_with_new_uids(siim))
             pacs.store("cxr-tls", upload["ID"])
@@ -333,9 +434,21 @@ def test_the_node_passes_tls_and_a_token_on_to_the_gateway_and_dead_letters_what
 
         (tmp_path / "wrong").mkdir()
         (tmp_path / "wrong" / "token").write_text("not-the-secret\n")
-        node = start_node(gateway.address, tmp_path / "wrong", [pacs.destination], port=port,
-                          extra=[*tls, "--gateway-token-file", str(tmp_path / "wrong" / "token"), "--classify-attempts", "2",
-                                 "--retry-backoff", "0.05"])
+        node = start_node(
+            gateway.address,
+            tmp_path / "wrong",
+            [pacs.destination],
+            port=port,
+            extra=[
+                *tls,
+                "--gateway-token-file",
+                str(tmp_path / "wrong" / "token"),
+                "--classify-attempts",
+                "2",
+                "--retry-backoff",
+                "0.05",
+            ],
+        )
         try:
             upload = pacs.upload(copy_with_new_uids(siim))
             pacs.store("cxr-tls", upload["ID"])
@@ -351,7 +464,9 @@ def test_the_node_passes_tls_and_a_token_on_to_the_gateway_and_dead_letters_what
         gateway.stop()
 
 
-def test_kill_9_while_processing_then_restart_gives_each_instance_its_results_once(dicom_gateway, pacs, dicom_dir, tmp_path):
+def test_kill_9_while_processing_then_restart_gives_each_instance_its_results_once(
+    dicom_gateway, pacs, dicom_dir, tmp_path
+):
     """Killed mid-way (one instance's results stored, the others queued, classifying or being sent): after the
     restart every acknowledged instance has exactly one SR and one SC."""
     port = orthanc.free_port()
@@ -360,11 +475,17 @@ def test_kill_9_while_processing_then_restart_gives_each_instance_its_results_on
     sources = [p for p in dicom_files(dicom_dir) if not p.name.startswith("Fake_")][:4] * 2
     uploads = [pacs.upload(copy_with_new_uids(p)) for p in sources]
     pacs.store("cxr-crash2", *[u["ID"] for u in uploads])  # all acknowledged
-    wait_for(lambda: metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination) >= 1, 120,
-             "the first results", interval=0.05)
+    wait_for(
+        lambda: metric(node, "cxr_dicom_results_sent_total", destination=pacs.destination) >= 1,
+        120,
+        "the first results",
+        interval=0.05,
+    )
     node.process.kill()
     node.process.wait(10)
-    left = sum(1 for _ in (tmp_path / "spool" / "incoming").glob("*.dcm")) + sum(1 for _ in (tmp_path / "spool" / "outbox").iterdir())
+    left = sum(1 for _ in (tmp_path / "spool" / "incoming").glob("*.dcm")) + sum(
+        1 for _ in (tmp_path / "spool" / "outbox").iterdir()
+    )
     assert left >= 1, "the kill came too late to test anything: every instance was done"
 
     restarted = start_node(dicom_gateway.address, tmp_path, [pacs.destination], port=port)
@@ -372,8 +493,14 @@ def test_kill_9_while_processing_then_restart_gives_each_instance_its_results_on
         for upload in uploads:
             found = wait_results(pacs, upload["ParentStudy"])
             assert len(found["SR"]) == 1 and len(found["OT"]) == 1, found
-        wait_for(lambda: metric(restarted, "cxr_dicom_spool_depth", stage="incoming") == 0
-                 and metric(restarted, "cxr_dicom_spool_depth", stage="outbox") == 0, 60, "the spool to drain")
+        wait_for(
+            lambda: (
+                metric(restarted, "cxr_dicom_spool_depth", stage="incoming") == 0
+                and metric(restarted, "cxr_dicom_spool_depth", stage="outbox") == 0
+            ),
+            60,
+            "the spool to drain",
+        )
         for upload in uploads:  # still exactly one of each once everything is done
             found = results(pacs, upload["ParentStudy"])
             assert len(found["SR"]) == 1 and len(found["OT"]) == 1, found

@@ -36,7 +36,9 @@ def test_settings_from_the_environment_split_lists_and_check_destinations(monkey
 
 def test_refusals_are_parsed_from_the_gateways_message():
     invalid = grpc.StatusCode.INVALID_ARGUMENT
-    assert refusal_reason(invalid, "image refused (lateral_view): a lateral view; the models know PA/AP") == "lateral_view"
+    assert (
+        refusal_reason(invalid, "image refused (lateral_view): a lateral view; the models know PA/AP") == "lateral_view"
+    )
     assert refusal_reason(invalid, "image refused (not_radiograph): Modality CT") == "not_radiograph"
     assert refusal_reason(invalid, "model_name must be 1-128 letters") == "invalid_argument"
     assert refusal_reason(grpc.StatusCode.UNAVAILABLE, "image refused (x): upstream down") is None
@@ -96,8 +98,16 @@ def test_the_work_queue_delays_deduplicates_and_never_hands_one_key_to_two_worke
 def _result(sha: str = "ab" * 32, indeterminate: bool = False) -> Classification:
     png = io.BytesIO()
     Image.new("RGB", (128, 128), (200, 30, 30)).save(png, "PNG")
-    return Classification("ensemble", "1", sha, [("Normal", 0.1234567), ("Lung_Opacity", 0.5), ("Viral Pneumonia", 0.3765433)],
-                          "Lung_Opacity", 0.5, indeterminate=indeterminate, heatmap_png=png.getvalue())
+    return Classification(
+        "ensemble",
+        "1",
+        sha,
+        [("Normal", 0.1234567), ("Lung_Opacity", 0.5), ("Viral Pneumonia", 0.3765433)],
+        "Lung_Opacity",
+        0.5,
+        indeterminate=indeterminate,
+        heatmap_png=png.getvalue(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +129,10 @@ def test_the_sr_is_a_tid_1500_report_with_each_probability_and_the_sc_has_the_fi
     groups = sr.content.get_image_measurement_groups()
     assert groups[0].finding_type.meaning == "Lung_Opacity"
     assert {g.finding_type.meaning: g.get_measurements()[0].value for g in groups[1:]} == {
-        "Normal": pytest.approx(0.1234567, abs=1e-9), "Lung_Opacity": 0.5, "Viral Pneumonia": pytest.approx(0.3765433, abs=1e-9)}
+        "Normal": pytest.approx(0.1234567, abs=1e-9),
+        "Lung_Opacity": 0.5,
+        "Viral Pneumonia": pytest.approx(0.3765433, abs=1e-9),
+    }
     assert sr.VerificationFlag == "UNVERIFIED" and sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.PatientName == source.PatientName and sr.PatientID == ""  # the source has none: Type 2, present and empty
 
@@ -139,8 +152,10 @@ def test_cxr_serve_dicom_is_registered_and_its_flags_load_without_torch_or_the_d
     import subprocess
     import sys
 
-    probe = ("import sys\nfrom cxr.cli import main\ntry:\n    main(['serve', 'dicom', '--help'])\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('torch', 'pynetdicom', 'highdicom', 'training') if m in sys.modules))")
+    probe = (
+        "import sys\nfrom cxr.cli import main\ntry:\n    main(['serve', 'dicom', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'pynetdicom', 'highdicom', 'training') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--destination" in done.stdout and "--allow-ae" in done.stdout and "--dicomweb" in done.stdout

@@ -26,8 +26,14 @@ def gateway_service(inference_service, trained_repository: Path, tmp_path_factor
     service = processes.start_gateway(
         inference_service.address,
         tmp_path_factory.mktemp("gateway"),
-        extra=["--max-image-bytes", str(GATEWAY_MAX_IMAGE_BYTES), "--max-image-pixels", str(GATEWAY_MAX_PIXELS),
-               "--model-repository", str(trained_repository)],
+        extra=[
+            "--max-image-bytes",
+            str(GATEWAY_MAX_IMAGE_BYTES),
+            "--max-image-pixels",
+            str(GATEWAY_MAX_PIXELS),
+            "--model-repository",
+            str(trained_repository),
+        ],
     )
     processes.wait_ready(service.address)
     yield service
@@ -36,7 +42,9 @@ def gateway_service(inference_service, trained_repository: Path, tmp_path_factor
 
 @pytest.fixture(scope="session")
 def gateway_stub(gateway_service):
-    channel = grpc.insecure_channel(gateway_service.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    channel = grpc.insecure_channel(
+        gateway_service.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    )
     yield gateway_pb2_grpc.GatewayStub(channel)
     channel.close()
 

@@ -14,8 +14,9 @@ from tests.gateway import processes
 
 
 def test_requests_beyond_max_in_flight_are_refused(inference_service, dicom_dir: Path, tmp_path: Path):
-    gateway = processes.start_gateway(inference_service.address, tmp_path, extra=["--decode-workers", "1"],
-                                      env={"CXR_GATEWAY_MAX_IN_FLIGHT": "1"})
+    gateway = processes.start_gateway(
+        inference_service.address, tmp_path, extra=["--decode-workers", "1"], env={"CXR_GATEWAY_MAX_IN_FLIGHT": "1"}
+    )
     data = (dicom_dir / "RG1_J2KI.dcm").read_bytes()  # about 0.3 s to decode: the first one is still running
     channel = grpc.insecure_channel(gateway.address)
     stub = gateway_pb2_grpc.GatewayStub(channel)

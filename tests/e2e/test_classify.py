@@ -29,7 +29,9 @@ def _classes(repository: Path, model: str) -> list[str]:
     return read_config(repository / model).parameters["cxr.classes"].string_value.split(",")
 
 
-def _check_against_onnx(response: pb.ClassifyResponse, source: bytes | Path, repository: Path, onnx_reference, tolerance: float = 1e-5):
+def _check_against_onnx(
+    response: pb.ClassifyResponse, source: bytes | Path, repository: Path, onnx_reference, tolerance: float = 1e-5
+):
     size = _image_size(repository, response.model_name)
     pixels = load_for_model(source, size)
     reference = onnx_reference.run(response.model_name, response.model_version, pixels)
@@ -46,27 +48,39 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_every_shared_dicom_file_matches_onnxruntime(gateway_stub, dicom_dir: Path, trained_repository: Path, onnx_reference):
+def test_every_shared_dicom_file_matches_onnxruntime(
+    gateway_stub, dicom_dir: Path, trained_repository: Path, onnx_reference
+):
     files = sorted(dicom_dir.rglob("*.dcm"))
     assert len(files) == 7
     for path in files:
-        ids = pb.StudyIdentifiers(study_instance_uid="1.2.3.4.5", series_instance_uid="1.2.3.4.5.6",
-                                  sop_instance_uid=f"1.2.3.4.5.6.{len(path.name)}", accession_number="ACC-0001")
+        ids = pb.StudyIdentifiers(
+            study_instance_uid="1.2.3.4.5",
+            series_instance_uid="1.2.3.4.5.6",
+            sop_instance_uid=f"1.2.3.4.5.6.{len(path.name)}",
+            accession_number="ACC-0001",
+        )
         request_id = uuid.uuid4().hex
-        response = gateway_stub.Classify(pb.ClassifyRequest(image=path.read_bytes(), request_id=request_id, identifiers=ids), timeout=60)
+        response = gateway_stub.Classify(
+            pb.ClassifyRequest(image=path.read_bytes(), request_id=request_id, identifiers=ids), timeout=60
+        )
         _check_against_onnx(response, path, trained_repository, onnx_reference)
         assert response.request_id == request_id and response.identifiers == ids
         assert response.model_name == "ensemble" and response.image_format == "dicom"
         assert response.model_sha256 == _sha256(trained_repository / "ensemble" / response.model_version / "model.onnx")
         assert any(n.startswith(NOT_FOR_CLINICAL_USE) for n in response.notices)
-        assert ("MONOCHROME1 inverted" in response.notices) == (path.name in {"CR-MONO1-10-chest.dcm", "Fake_MONOHR1.dcm", "RG1_J2KI.dcm"})
+        assert ("MONOCHROME1 inverted" in response.notices) == (
+            path.name in {"CR-MONO1-10-chest.dcm", "Fake_MONOHR1.dcm", "RG1_J2KI.dcm"}
+        )
         t = response.timings
         assert t.decode_ms > 0 and t.preprocess_ms >= 0 and t.inference_ms > 0
         assert t.total_ms >= t.decode_ms + t.inference_ms
         assert abs(sum(c.probability for c in response.classes) - 1.0) < 1e-4
 
 
-def test_png_and_jpeg_from_cxr_raw_match_onnxruntime(gateway_stub, cxr_raw_dir: Path, trained_repository: Path, onnx_reference):
+def test_png_and_jpeg_from_cxr_raw_match_onnxruntime(
+    gateway_stub, cxr_raw_dir: Path, trained_repository: Path, onnx_reference
+):
     for folder in ("Normal", "Lung_Opacity", "Viral Pneumonia"):
         for path in sorted((cxr_raw_dir / folder).glob("*.png"))[:3]:
             response = gateway_stub.Classify(pb.ClassifyRequest(image=path.read_bytes()), timeout=60)
@@ -89,31 +103,43 @@ def test_each_model_by_name(gateway_stub, dicom_dir: Path, trained_repository: P
     _check_against_onnx(response, path, trained_repository, onnx_reference)
 
 
-def test_explicit_version_and_newest_version(gateway_stub, gateway_service, cxr_raw_dir: Path, trained_repository: Path, onnx_reference):
-    served = [m for m in gateway_stub.ListModels(pb.ListModelsRequest(), timeout=30).models if m.name == "custom_cnn"][0]
+def test_explicit_version_and_newest_version(
+    gateway_stub, gateway_service, cxr_raw_dir: Path, trained_repository: Path, onnx_reference
+):
+    served = [m for m in gateway_stub.ListModels(pb.ListModelsRequest(), timeout=30).models if m.name == "custom_cnn"][
+        0
+    ]
     assert served.versions, "custom_cnn reports its versions"
     path = sorted((cxr_raw_dir / "Lung_Opacity").glob("*.png"))[0]
     newest = gateway_stub.Classify(pb.ClassifyRequest(image=path.read_bytes(), model_name="custom_cnn"), timeout=60)
     assert newest.model_version == max(served.versions, key=int)
     for version in served.versions:
-        response = gateway_stub.Classify(pb.ClassifyRequest(image=path.read_bytes(), model_name="custom_cnn", model_version=version), timeout=60)
+        response = gateway_stub.Classify(
+            pb.ClassifyRequest(image=path.read_bytes(), model_name="custom_cnn", model_version=version), timeout=60
+        )
         assert response.model_version == version
         _check_against_onnx(response, path, trained_repository, onnx_reference)
 
 
 def test_unknown_model_and_version_are_not_found(gateway_stub, dicom_dir: Path):
     data = (dicom_dir / "CR-MONO1-10-chest.dcm").read_bytes()
-    for request in (pb.ClassifyRequest(image=data, model_name="no_such_model"),
-                    pb.ClassifyRequest(image=data, model_name="custom_cnn", model_version="999")):
+    for request in (
+        pb.ClassifyRequest(image=data, model_name="no_such_model"),
+        pb.ClassifyRequest(image=data, model_name="custom_cnn", model_version="999"),
+    ):
         with pytest.raises(grpc.RpcError) as info:
             gateway_stub.Classify(request, timeout=30)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         assert request.model_name in info.value.details()
 
 
-def test_heatmap_png_and_raw_map_match_the_cam_output(gateway_stub, dicom_dir: Path, trained_repository: Path, onnx_reference):
+def test_heatmap_png_and_raw_map_match_the_cam_output(
+    gateway_stub, dicom_dir: Path, trained_repository: Path, onnx_reference
+):
     path = dicom_dir / "RG1_J2KI.dcm"
-    response = gateway_stub.Classify(pb.ClassifyRequest(image=path.read_bytes(), model_name="mobilenet", return_heatmap=True), timeout=60)
+    response = gateway_stub.Classify(
+        pb.ClassifyRequest(image=path.read_bytes(), model_name="mobilenet", return_heatmap=True), timeout=60
+    )
     reference = _check_against_onnx(response, path, trained_repository, onnx_reference)
     heatmap = response.heatmap
     top = [c.label for c in response.classes].index(response.top_class)
@@ -128,15 +154,22 @@ def test_heatmap_png_and_raw_map_match_the_cam_output(gateway_stub, dicom_dir: P
     assert not plain.HasField("heatmap")
 
 
-def test_stream_answers_every_request_in_order_with_errors_in_band(gateway_stub, dicom_dir: Path, cxr_raw_dir: Path, trained_repository: Path, onnx_reference):
-    good = [p.read_bytes() for p in sorted(dicom_dir.rglob("*.dcm"))] + [p.read_bytes() for p in sorted((cxr_raw_dir / "Normal").glob("*.png"))[:5]]
+def test_stream_answers_every_request_in_order_with_errors_in_band(
+    gateway_stub, dicom_dir: Path, cxr_raw_dir: Path, trained_repository: Path, onnx_reference
+):
+    good = [p.read_bytes() for p in sorted(dicom_dir.rglob("*.dcm"))] + [
+        p.read_bytes() for p in sorted((cxr_raw_dir / "Normal").glob("*.png"))[:5]
+    ]
     items = []
     for i, data in enumerate(good):
         items.append((f"good-{i}", data, None))
         if i % 3 == 0:
             items.append((f"bad-{i}", data[: len(data) // 2], "INVALID_ARGUMENT"))
     items.append(("unknown-model", good[0], "NOT_FOUND"))
-    requests = [pb.ClassifyRequest(image=data, request_id=rid, model_name="no_such_model" if rid == "unknown-model" else "") for rid, data, _ in items]
+    requests = [
+        pb.ClassifyRequest(image=data, request_id=rid, model_name="no_such_model" if rid == "unknown-model" else "")
+        for rid, data, _ in items
+    ]
     answers = list(gateway_stub.ClassifyStream(iter(requests), timeout=120))
     assert [a.request_id for a in answers] == [rid for rid, _, _ in items]
     for (rid, data, expected), answer in zip(items, answers):
@@ -145,7 +178,9 @@ def test_stream_answers_every_request_in_order_with_errors_in_band(gateway_stub,
             _check_against_onnx(answer.response, data, trained_repository, onnx_reference)
         else:
             assert answer.WhichOneof("result") == "error"
-            assert answer.error.code_name == expected and answer.error.code == getattr(grpc.StatusCode, expected).value[0]
+            assert (
+                answer.error.code_name == expected and answer.error.code == getattr(grpc.StatusCode, expected).value[0]
+            )
             assert answer.error.message
 
 
@@ -170,10 +205,15 @@ def test_health_and_reflection(gateway_service):
     channel = grpc.insecure_channel(gateway_service.address)
     try:
         for service in ("", "cxr.v1.Gateway"):
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                .status
+            )
             assert status == health_pb2.HealthCheckResponse.SERVING
         answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         names = {s.name for answer in answers for s in answer.list_services_response.service}
         assert {"cxr.v1.Gateway", "grpc.health.v1.Health"} <= names
     finally:
@@ -182,7 +222,9 @@ def test_health_and_reflection(gateway_service):
 
 def test_cancelled_stream_is_harmless(gateway_stub, gateway_service, dicom_dir: Path):
     data = (dicom_dir / "RG1_J2KI.dcm").read_bytes()  # the slowest file to decode
-    call = gateway_stub.ClassifyStream(iter([pb.ClassifyRequest(image=data, request_id=f"c{i}") for i in range(20)]), timeout=120)
+    call = gateway_stub.ClassifyStream(
+        iter([pb.ClassifyRequest(image=data, request_id=f"c{i}") for i in range(20)]), timeout=120
+    )
     first = next(call)
     assert first.request_id == "c0"
     call.cancel()
@@ -201,17 +243,26 @@ def test_deadline_shorter_than_the_work(gateway_stub, dicom_dir: Path):
     assert gateway_stub.Classify(pb.ClassifyRequest(image=data), timeout=60).top_class
 
 
-def test_concurrent_requests_each_get_their_own_answer(gateway_stub, cxr_raw_dir: Path, trained_repository: Path, onnx_reference):
+def test_concurrent_requests_each_get_their_own_answer(
+    gateway_stub, cxr_raw_dir: Path, trained_repository: Path, onnx_reference
+):
     """Many callers at once (the inference service batches them): every answer belongs to its own request."""
     from concurrent.futures import ThreadPoolExecutor
 
-    paths = [p for folder in ("Normal", "Lung_Opacity", "Viral Pneumonia") for p in sorted((cxr_raw_dir / folder).glob("*.png"))[:8]]
+    paths = [
+        p
+        for folder in ("Normal", "Lung_Opacity", "Viral Pneumonia")
+        for p in sorted((cxr_raw_dir / folder).glob("*.png"))[:8]
+    ]
     jobs = [(f"req-{i}", p.read_bytes(), i % 5 == 4) for i, p in enumerate(paths)]  # every 5th is cut short
 
     def call(job):
         rid, data, bad = job
         try:
-            return rid, gateway_stub.Classify(pb.ClassifyRequest(image=data[:200] if bad else data, request_id=rid, model_name="custom_cnn"), timeout=120)
+            return rid, gateway_stub.Classify(
+                pb.ClassifyRequest(image=data[:200] if bad else data, request_id=rid, model_name="custom_cnn"),
+                timeout=120,
+            )
         except grpc.RpcError as exc:
             return rid, exc.code()
 

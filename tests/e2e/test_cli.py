@@ -21,11 +21,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cxr(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "cxr", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "cxr", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
-def test_classify_json_matches_onnxruntime(gateway_service, dicom_dir: Path, cxr_raw_dir: Path, trained_repository: Path, onnx_reference):
+def test_classify_json_matches_onnxruntime(
+    gateway_service, dicom_dir: Path, cxr_raw_dir: Path, trained_repository: Path, onnx_reference
+):
     files = [dicom_dir / "RG1_J2KI.dcm", sorted((cxr_raw_dir / "Viral Pneumonia").glob("*.png"))[0]]
     result = _cxr("classify", "--server", gateway_service.address, "--model", "resnet50", "--json", *map(str, files))
     assert result.returncode == 0, result.stderr
@@ -76,7 +84,8 @@ def test_mtls_and_token_end_to_end(inference_service, dicom_dir: Path, tmp_path:
     pki = certs.make_pki(tmp_path / "pki")
     token = "s3cret-token-for-this-test"
     gateway = processes.start_gateway(
-        inference_service.address, tmp_path / "gateway",
+        inference_service.address,
+        tmp_path / "gateway",
         extra=["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)],
         env={"CXR_GATEWAY_AUTH_TOKENS": token},
     )
@@ -88,7 +97,9 @@ def test_mtls_and_token_end_to_end(inference_service, dicom_dir: Path, tmp_path:
         assert json.loads(ok.stdout)[0]["top_class"]
         no_token = _cxr("classify", "--server", gateway.address, *tls, path, env={"CXR_TOKEN": ""})
         assert no_token.returncode == 1 and "UNAUTHENTICATED" in no_token.stderr
-        no_cert = _cxr("classify", "--server", gateway.address, "--ca", str(pki.ca), "--token", token, "--timeout", "10", path)
+        no_cert = _cxr(
+            "classify", "--server", gateway.address, "--ca", str(pki.ca), "--token", token, "--timeout", "10", path
+        )
         assert no_cert.returncode == 1 and "UNAVAILABLE" in no_cert.stderr
     finally:
         gateway.stop()

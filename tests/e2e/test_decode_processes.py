@@ -36,7 +36,9 @@ def _decoder_workers(parent: int) -> list[int]:
     return found
 
 
-def test_decoding_in_worker_processes(inference_service, dicom_dir: Path, cxr_raw_dir: Path, trained_repository: Path, onnx_reference, tmp_path: Path):
+def test_decoding_in_worker_processes(
+    inference_service, dicom_dir: Path, cxr_raw_dir: Path, trained_repository: Path, onnx_reference, tmp_path: Path
+):
     gateway = processes.start_gateway(inference_service.address, tmp_path, extra=["--decode-processes", "2"])
     channel = grpc.insecure_channel(gateway.address)
     stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -46,7 +48,9 @@ def test_decoding_in_worker_processes(inference_service, dicom_dir: Path, cxr_ra
         assert len(_decoder_workers(gateway.process.pid)) == 2  # started (and warmed up) before serving
         for path in sorted(dicom_dir.rglob("*.dcm")):
             response = stub.Classify(pb.ClassifyRequest(image=path.read_bytes(), model_name="custom_cnn"), timeout=60)
-            reference = onnx_reference.run("custom_cnn", response.model_version, load_for_model(path, size))["probabilities"]
+            reference = onnx_reference.run("custom_cnn", response.model_version, load_for_model(path, size))[
+                "probabilities"
+            ]
             np.testing.assert_allclose([c.probability for c in response.classes], reference, atol=1e-5)
         rgb = next(c for c in corpus.build(dicom_dir, cxr_raw_dir) if c.name == "dicom_rgb")
         try:
@@ -67,7 +71,9 @@ def test_decoding_in_worker_processes(inference_service, dicom_dir: Path, cxr_ra
             except grpc.RpcError as exc:
                 outcomes.append(f"{exc.code().name} {exc.details()}")
         assert outcomes[-1] == "OK", outcomes
-        assert all(o == "OK" or (o.startswith("INVALID_ARGUMENT") and "(decoder_crashed)" in o) for o in outcomes), outcomes
+        assert all(o == "OK" or (o.startswith("INVALID_ARGUMENT") and "(decoder_crashed)" in o) for o in outcomes), (
+            outcomes
+        )
         assert gateway.alive() and "a decoder worker died" in gateway.log_text()
     finally:
         channel.close()

@@ -25,11 +25,34 @@ def _free_ports(n: int) -> list[int]:
 def test_demo_stack_trains_serves_and_classifies_on_a_fresh_machine(tmp_path):
     inf, inf_m, gw, gw_m, inf_h, gw_h = _free_ports(6)
     repo = tmp_path / "repo"
-    cmd = [sys.executable, "-m", "cxr", "demo-stack", "--synthetic", "--once", "--work", str(tmp_path / "work"),
-           "--repository", str(repo), "--epochs", "1", "--image-size", "64",
-           "--inference-port", str(inf), "--inference-metrics-port", str(inf_m),
-           "--gateway-port", str(gw), "--gateway-metrics-port", str(gw_m),
-           "--inference-http-port", str(inf_h), "--gateway-http-port", str(gw_h)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cxr",
+        "demo-stack",
+        "--synthetic",
+        "--once",
+        "--work",
+        str(tmp_path / "work"),
+        "--repository",
+        str(repo),
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--inference-port",
+        str(inf),
+        "--inference-metrics-port",
+        str(inf_m),
+        "--gateway-port",
+        str(gw),
+        "--gateway-metrics-port",
+        str(gw_m),
+        "--inference-http-port",
+        str(inf_h),
+        "--gateway-http-port",
+        str(gw_h),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]

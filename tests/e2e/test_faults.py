@@ -74,8 +74,9 @@ def _gateway_log_codes(gateway: processes.Service) -> dict[str, int]:
 
 def test_inference_drain_delay_keeps_answering(trained_repository: Path, image: bytes, tmp_path: Path):
     """SIGTERM with a drain delay: readiness false at once, every request during the delay answered, exit 0."""
-    inference = processes.start_inference(trained_repository, tmp_path / "inference",
-                                          extra=[*EXPLICIT, "--drain-delay", "8", "--grace-period", "5"])
+    inference = processes.start_inference(
+        trained_repository, tmp_path / "inference", extra=[*EXPLICIT, "--drain-delay", "8", "--grace-period", "5"]
+    )
     gateway = processes.start_gateway(inference.address, tmp_path / "gateway")
     processes.wait_ready(gateway.address)
     load = ClassifyLoad(gateway.address, image, clients=8, model_name=MODEL).start()
@@ -112,11 +113,13 @@ def test_inference_drain_delay_keeps_answering(trained_repository: Path, image: 
 
 def test_two_replicas_one_draining_loses_nothing(trained_repository: Path, image: bytes, tmp_path: Path):
     """A rolling update: one of two replicas drains and exits; the gateway stays SERVING and answers every request."""
-    draining = processes.start_inference(trained_repository, tmp_path / "a",
-                                         extra=[*EXPLICIT, "--drain-delay", "2", "--grace-period", "5"])
+    draining = processes.start_inference(
+        trained_repository, tmp_path / "a", extra=[*EXPLICIT, "--drain-delay", "2", "--grace-period", "5"]
+    )
     staying = processes.start_inference(trained_repository, tmp_path / "b", extra=EXPLICIT)
-    gateway = processes.start_gateway(f"ipv4:{draining.address},{staying.address}", tmp_path / "gateway",
-                                      extra=["--request-timeout", "60"])
+    gateway = processes.start_gateway(
+        f"ipv4:{draining.address},{staying.address}", tmp_path / "gateway", extra=["--request-timeout", "60"]
+    )
     processes.wait_ready(gateway.address)
     load = ClassifyLoad(gateway.address, image, clients=8, model_name=MODEL, timeout_s=60).start()
     health: list[int] = []
@@ -145,12 +148,16 @@ def test_two_replicas_one_draining_loses_nothing(trained_repository: Path, image
 
 
 @pytest.mark.parametrize("drain_delay", [0, 3])
-def test_gateway_sigterm_under_load_fails_no_accepted_request(inference_service, image: bytes, tmp_path: Path,
-                                                              drain_delay: int):
+def test_gateway_sigterm_under_load_fails_no_accepted_request(
+    inference_service, image: bytes, tmp_path: Path, drain_delay: int
+):
     """Gateway SIGTERM under load: every request it accepted is answered OK; later ones are refused UNAVAILABLE
     (never CANCELLED); with a drain delay, everything during the delay is answered; exit 0."""
-    gateway = processes.start_gateway(inference_service.address, tmp_path / "gateway",
-                                      extra=["--drain-delay", str(drain_delay), "--shutdown-grace", "10"])
+    gateway = processes.start_gateway(
+        inference_service.address,
+        tmp_path / "gateway",
+        extra=["--drain-delay", str(drain_delay), "--shutdown-grace", "10"],
+    )
     processes.wait_ready(gateway.address)
     load = ClassifyLoad(gateway.address, image, clients=8, model_name=MODEL).start()
     try:
@@ -161,8 +168,9 @@ def test_gateway_sigterm_under_load_fails_no_accepted_request(inference_service,
             during = load.mark()
             load.wait_answers(16, since=during)
             after = load.mark()
-            assert processes.health_status(gateway.address) == NOT_SERVING, \
+            assert processes.health_status(gateway.address) == NOT_SERVING, (
                 "the drain delay ended before the measurement did (machine too slow for this test)"
+            )
             assert load.codes(during, after) == {"OK": after - during}
         assert gateway.process.wait(60) == 0
         load.stop()
@@ -237,8 +245,11 @@ def test_hung_inference_fails_fast_and_recovers(trained_repository: Path, image:
 
 
 def _pending(service: processes.Service) -> float:
-    return sum(float(line.split()[-1]) for line in service.metrics_text().splitlines()
-               if line.startswith("cxr_inference_pending_requests{"))
+    return sum(
+        float(line.split()[-1])
+        for line in service.metrics_text().splitlines()
+        if line.startswith("cxr_inference_pending_requests{")
+    )
 
 
 def test_upstream_cancelled_is_retried_on_another_replica(trained_repository: Path, image: bytes, tmp_path: Path):
@@ -249,11 +260,14 @@ def test_upstream_cancelled_is_retried_on_another_replica(trained_repository: Pa
     slow = tmp_path / "slow-repository"
     shutil.copytree(trained_repository / MODEL, slow / MODEL)
     config = slow / MODEL / "config.pbtxt"
-    config.write_text(config.read_text().replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 20000000"))
+    config.write_text(
+        config.read_text().replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 20000000")
+    )
     stopping = processes.start_inference(slow, tmp_path / "a", extra=[*EXPLICIT, "--grace-period", "0.5"])
     staying = processes.start_inference(trained_repository, tmp_path / "b", extra=EXPLICIT)
-    gateway = processes.start_gateway(f"ipv4:{stopping.address},{staying.address}", tmp_path / "gateway",
-                                      extra=["--request-timeout", "60"])
+    gateway = processes.start_gateway(
+        f"ipv4:{stopping.address},{staying.address}", tmp_path / "gateway", extra=["--request-timeout", "60"]
+    )
     processes.wait_ready(gateway.address)
     load = ClassifyLoad(gateway.address, image, clients=4, model_name=MODEL, timeout_s=60).start()
     try:
@@ -265,8 +279,11 @@ def test_upstream_cancelled_is_retried_on_another_replica(trained_repository: Pa
         load.stop()
         assert re.search(r"grace period of 0.5 s ran out with [1-9]\d* requests still running", stopping.log_text())
         assert load.codes() == {"OK": len(load.answers)}, load.codes()
-        retries = [float(line.split()[-1]) for line in gateway.metrics_text().splitlines()
-                   if line.startswith("cxr_gateway_upstream_retries_total ")]
+        retries = [
+            float(line.split()[-1])
+            for line in gateway.metrics_text().splitlines()
+            if line.startswith("cxr_gateway_upstream_retries_total ")
+        ]
         assert retries and retries[0] >= 1
         _report("upstream CANCELLED retried", load, gateway_retries=retries[0])
     finally:

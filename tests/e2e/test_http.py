@@ -45,32 +45,49 @@ def test_json_api_answers_as_grpc_for_every_shared_dicom(gateway_url, gateway_st
     for path in files:
         data = path.read_bytes()
         by_grpc = gateway_stub.Classify(pb.ClassifyRequest(image=data, request_id="grpc"), timeout=TIMEOUT)
-        answer = requests.post(f"{gateway_url}/v1/classify", data=data, params={"request_id": "http"},
-                               headers={"Content-Type": "application/dicom"}, timeout=TIMEOUT)
+        answer = requests.post(
+            f"{gateway_url}/v1/classify",
+            data=data,
+            params={"request_id": "http"},
+            headers={"Content-Type": "application/dicom"},
+            timeout=TIMEOUT,
+        )
         assert answer.status_code == 200, answer.text
         # the protobuf JSON mapping of the same message: it parses back into a ClassifyResponse
         by_http = json_format.ParseDict(answer.json(), pb.ClassifyResponse())
         assert by_http.request_id == "http"
         assert [c.label for c in by_http.classes] == [c.label for c in by_grpc.classes]
-        np.testing.assert_allclose([c.probability for c in by_http.classes],
-                                   [c.probability for c in by_grpc.classes], atol=1e-6, rtol=0)
-        assert (by_http.top_class, by_http.model_name, by_http.model_version, by_http.model_sha256) == \
-            (by_grpc.top_class, by_grpc.model_name, by_grpc.model_version, by_grpc.model_sha256)
+        np.testing.assert_allclose(
+            [c.probability for c in by_http.classes], [c.probability for c in by_grpc.classes], atol=1e-6, rtol=0
+        )
+        assert (by_http.top_class, by_http.model_name, by_http.model_version, by_http.model_sha256) == (
+            by_grpc.top_class,
+            by_grpc.model_name,
+            by_grpc.model_version,
+            by_grpc.model_sha256,
+        )
         assert list(by_http.notices) == list(by_grpc.notices)
         assert by_http.image_format == "dicom"
 
 
 def test_multipart_upload_with_form_fields_and_heatmap(gateway_url, gateway_stub, dicom_dir: Path):
     path = sorted(dicom_dir.rglob("*.dcm"))[0]
-    by_grpc = gateway_stub.Classify(pb.ClassifyRequest(image=path.read_bytes(), model_name="custom_cnn",
-                                                       model_version="2", return_heatmap=True), timeout=TIMEOUT)
-    answer = requests.post(f"{gateway_url}/v1/classify", files={"image": (path.name, path.read_bytes())},
-                           data={"model": "custom_cnn", "version": "2", "heatmap": "true"}, timeout=TIMEOUT)
+    by_grpc = gateway_stub.Classify(
+        pb.ClassifyRequest(image=path.read_bytes(), model_name="custom_cnn", model_version="2", return_heatmap=True),
+        timeout=TIMEOUT,
+    )
+    answer = requests.post(
+        f"{gateway_url}/v1/classify",
+        files={"image": (path.name, path.read_bytes())},
+        data={"model": "custom_cnn", "version": "2", "heatmap": "true"},
+        timeout=TIMEOUT,
+    )
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert (body["modelName"], body["modelVersion"]) == ("custom_cnn", "2")
-    np.testing.assert_allclose([c["probability"] for c in body["classes"]],
-                               [c.probability for c in by_grpc.classes], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        [c["probability"] for c in body["classes"]], [c.probability for c in by_grpc.classes], atol=1e-6, rtol=0
+    )
     png = base64.b64decode(body["heatmap"]["png"])
     assert png == by_grpc.heatmap.png
     assert Image.open(io.BytesIO(png)).size[0] > 0
@@ -92,19 +109,28 @@ def _metric(text: str, prefix: str) -> float:
 
 # (request, HTTP status, gRPC code name, reason, whether the servicer answered it: then it is counted in the
 # same metrics as gRPC; the adapter's own parse errors are not, as a gRPC message that does not parse is not)
-@pytest.mark.parametrize(("send", "status", "code_name", "reason", "counted"), [
-    (dict(data=b"\x89PNG\r\n\x1a\n" + b"\0" * 40, headers={"Content-Type": "image/png"}), 400, "INVALID_ARGUMENT", None,
-     True),
-    (dict(data=b"", headers={"Content-Type": "image/png"}), 400, "INVALID_ARGUMENT", None, True),
-    (dict(params={"model": "no_such_model"}), 404, "NOT_FOUND", None, True),
-    (dict(data=b"x" * 10, params={"model": "../etc"}), 400, "INVALID_ARGUMENT", "bad_model_name", True),
-    (dict(data=b"x" * 10, params={"version": "v2"}), 400, "INVALID_ARGUMENT", "bad_model_version", True),
-    (dict(data=b"x" * 10, params={"heatmap": "maybe"}), 400, "INVALID_ARGUMENT", "bad_field", False),
-    (dict(data=b"x" * 10, params={"format": "tiff"}), 400, "INVALID_ARGUMENT", "bad_format", False),
-    (dict(files={"other": ("a.png", b"x")}), 400, "INVALID_ARGUMENT", "empty", False),
-])
-def test_gateway_errors_are_the_grpc_codes_in_json(gateway_url, gateway_service, dicom_dir, send, status, code_name,
-                                                   reason, counted):
+@pytest.mark.parametrize(
+    ("send", "status", "code_name", "reason", "counted"),
+    [
+        (
+            dict(data=b"\x89PNG\r\n\x1a\n" + b"\0" * 40, headers={"Content-Type": "image/png"}),
+            400,
+            "INVALID_ARGUMENT",
+            None,
+            True,
+        ),
+        (dict(data=b"", headers={"Content-Type": "image/png"}), 400, "INVALID_ARGUMENT", None, True),
+        (dict(params={"model": "no_such_model"}), 404, "NOT_FOUND", None, True),
+        (dict(data=b"x" * 10, params={"model": "../etc"}), 400, "INVALID_ARGUMENT", "bad_model_name", True),
+        (dict(data=b"x" * 10, params={"version": "v2"}), 400, "INVALID_ARGUMENT", "bad_model_version", True),
+        (dict(data=b"x" * 10, params={"heatmap": "maybe"}), 400, "INVALID_ARGUMENT", "bad_field", False),
+        (dict(data=b"x" * 10, params={"format": "tiff"}), 400, "INVALID_ARGUMENT", "bad_format", False),
+        (dict(files={"other": ("a.png", b"x")}), 400, "INVALID_ARGUMENT", "empty", False),
+    ],
+)
+def test_gateway_errors_are_the_grpc_codes_in_json(
+    gateway_url, gateway_service, dicom_dir, send, status, code_name, reason, counted
+):
     if "data" not in send and "files" not in send:  # reaches the upstream: needs a readable image
         send = {**send, "data": sorted(dicom_dir.rglob("*.dcm"))[0].read_bytes()}
     series = f'cxr_gateway_requests_total{{code="{code_name}"'
@@ -122,13 +148,15 @@ def test_gateway_errors_are_the_grpc_codes_in_json(gateway_url, gateway_service,
 
 
 def test_gateway_refuses_a_body_beyond_the_limit(gateway_url):
-    answer = requests.post(f"{gateway_url}/v1/classify", data=b"\0" * (GATEWAY_MAX_IMAGE_BYTES + 128 * 1024),
-                           timeout=TIMEOUT)
+    answer = requests.post(
+        f"{gateway_url}/v1/classify", data=b"\0" * (GATEWAY_MAX_IMAGE_BYTES + 128 * 1024), timeout=TIMEOUT
+    )
     assert answer.status_code == 413
     assert answer.json()["reason"] == "too_large"
 
 
 # ---- the inference service's KServe v2 REST, with a plain HTTP client --------------------------------------------
+
 
 def _infer(url: str, model: str, document: dict, binary: bytes = b"", version: str = "", headers=None):
     path = f"{url}/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
@@ -155,10 +183,15 @@ def test_inference_rest_json_and_binary_tensors_agree(inference_url):
     outputs = {o["name"]: np.array(o["data"], np.float32).reshape(o["shape"]) for o in body["outputs"]}
     assert set(outputs) == {"probabilities", "logits", "cam", "ood_score"}
 
-    by_binary = _infer(inference_url, "custom_cnn", {"inputs": [_image_input(images, True)],
-                                                      "outputs": [{"name": "probabilities",
-                                                                   "parameters": {"binary_data": True}}]},
-                       images.tobytes())
+    by_binary = _infer(
+        inference_url,
+        "custom_cnn",
+        {
+            "inputs": [_image_input(images, True)],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        },
+        images.tobytes(),
+    )
     assert by_binary.status_code == 200
     length = int(by_binary.headers["Inference-Header-Content-Length"])
     header = json.loads(by_binary.content[:length])
@@ -170,9 +203,14 @@ def test_inference_rest_json_and_binary_tensors_agree(inference_url):
 
 def test_inference_rest_classification_output_as_json_strings(inference_url):
     images = np.zeros((1, 1, 64, 64), np.uint8)
-    answer = _infer(inference_url, "resnet50", {"inputs": [_image_input(images, False)],
-                                                 "outputs": [{"name": "probabilities",
-                                                              "parameters": {"classification": 2}}]})
+    answer = _infer(
+        inference_url,
+        "resnet50",
+        {
+            "inputs": [_image_input(images, False)],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}],
+        },
+    )
     assert answer.status_code == 200, answer.text
     (out,) = answer.json()["outputs"]
     assert out["datatype"] == "BYTES" and out["shape"] == [1, 2]
@@ -180,30 +218,68 @@ def test_inference_rest_classification_output_as_json_strings(inference_url):
     assert float(score) > 0 and int(index) in (0, 1, 2) and label
 
 
-@pytest.mark.parametrize(("method", "path", "send", "status", "fragment"), [
-    ("get", "/v2/health/live", {}, 200, None),
-    ("get", "/v2/health/ready", {}, 200, None),
-    ("get", "/v2/models/custom_cnn/ready", {}, 200, None),
-    ("get", "/v2/models/no_such_model/ready", {}, 400, None),  # Triton: not ready is 400
-    ("get", "/v2/models/no_such_model", {}, 404, "no_such_model"),
-    ("get", "/v2/models/custom_cnn/versions/9/config", {}, 404, "no version 9"),
-    ("post", "/v2/models/custom_cnn/infer", {"data": b"{not json"}, 400, "not valid JSON"),
-    ("post", "/v2/models/custom_cnn/infer", {"json": {"inputs": [{"name": "image", "datatype": "UINT8",
-                                                                    "shape": [1, 1, 64, 64], "data": [1, 2]}]}},
-     400, "expected 4096 values"),
-    ("post", "/v2/models/custom_cnn/infer", {"json": {"inputs": [{"name": "image", "datatype": "UINT8",
-                                                                    "shape": [1, 1, 2, 2], "data": [1, 2, 3, 400]}]}},
-     400, "out of range for UINT8"),
-    ("post", "/v2/models/custom_cnn/infer", {"json": {"inputs": [{"name": "image", "datatype": "FP32",
-                                                                    "shape": [1, 1, 64, 64], "data": [0.5] * 4096}]}},
-     400, "expected datatype UINT8, received FP32"),
-    ("post", "/v2/models/custom_cnn/infer", {"json": {"inputs": [{"name": "image", "datatype": "UINT8",
-                                                                    "shape": [1, 1, 64, 64],
-                                                                    "parameters": {"binary_data_size": 4096}}]},
-                                             "headers": {"Inference-Header-Content-Length": "x"}}, 400, "byte count"),
-    ("post", "/v2/models/no_such_model/infer", {"json": {"inputs": []}}, 404, "no_such_model"),
-    ("post", "/v2/repository/models/custom_cnn/load", {}, 400, "model control mode"),  # FAILED_PRECONDITION
-])
+@pytest.mark.parametrize(
+    ("method", "path", "send", "status", "fragment"),
+    [
+        ("get", "/v2/health/live", {}, 200, None),
+        ("get", "/v2/health/ready", {}, 200, None),
+        ("get", "/v2/models/custom_cnn/ready", {}, 200, None),
+        ("get", "/v2/models/no_such_model/ready", {}, 400, None),  # Triton: not ready is 400
+        ("get", "/v2/models/no_such_model", {}, 404, "no_such_model"),
+        ("get", "/v2/models/custom_cnn/versions/9/config", {}, 404, "no version 9"),
+        ("post", "/v2/models/custom_cnn/infer", {"data": b"{not json"}, 400, "not valid JSON"),
+        (
+            "post",
+            "/v2/models/custom_cnn/infer",
+            {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 64, 64], "data": [1, 2]}]}},
+            400,
+            "expected 4096 values",
+        ),
+        (
+            "post",
+            "/v2/models/custom_cnn/infer",
+            {
+                "json": {
+                    "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 2, 2], "data": [1, 2, 3, 400]}]
+                }
+            },
+            400,
+            "out of range for UINT8",
+        ),
+        (
+            "post",
+            "/v2/models/custom_cnn/infer",
+            {
+                "json": {
+                    "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 64, 64], "data": [0.5] * 4096}]
+                }
+            },
+            400,
+            "expected datatype UINT8, received FP32",
+        ),
+        (
+            "post",
+            "/v2/models/custom_cnn/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "UINT8",
+                            "shape": [1, 1, 64, 64],
+                            "parameters": {"binary_data_size": 4096},
+                        }
+                    ]
+                },
+                "headers": {"Inference-Header-Content-Length": "x"},
+            },
+            400,
+            "byte count",
+        ),
+        ("post", "/v2/models/no_such_model/infer", {"json": {"inputs": []}}, 404, "no_such_model"),
+        ("post", "/v2/repository/models/custom_cnn/load", {}, 400, "model control mode"),  # FAILED_PRECONDITION
+    ],
+)
 def test_inference_rest_status_codes(inference_url, method, path, send, status, fragment):
     answer = getattr(requests, method)(inference_url + path, timeout=TIMEOUT, **send)
     assert answer.status_code == status, answer.text

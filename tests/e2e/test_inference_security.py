@@ -23,11 +23,28 @@ UNLOAD = "/inference.GRPCInferenceService/RepositoryModelUnload"
 
 
 def _start(repository: Path, workdir: Path, extra: list[str], credentials=None) -> processes.Service:
-    service = processes.start("inference", ["--repository", str(repository), "--port", "0", "--metrics-port", "0",
-                                            "--http-port", "0",
-                                            "--intra-op-threads", "1", "--model-control", "explicit",
-                                            "--load-model", MODEL, *extra],
-                              workdir, env={"CXR_INFERENCE_AUTH_TOKENS": TOKEN})
+    service = processes.start(
+        "inference",
+        [
+            "--repository",
+            str(repository),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--intra-op-threads",
+            "1",
+            "--model-control",
+            "explicit",
+            "--load-model",
+            MODEL,
+            *extra,
+        ],
+        workdir,
+        env={"CXR_INFERENCE_AUTH_TOKENS": TOKEN},
+    )
     processes.wait_ready(service.address, credentials=credentials)
     return service
 
@@ -54,27 +71,39 @@ def test_loopback_is_the_default_bind():
 def test_mutual_tls_and_tokens_on_every_rpc_but_health(trained_repository: Path, dicom_dir: Path, tmp_path: Path):
     pki = certs.make_pki(tmp_path / "pki")
     client = channel_credentials(pki.ca, pki.client_cert, pki.client_key)
-    inference = _start(trained_repository, tmp_path / "inference",
-                       ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-                        "--tls-client-ca", str(pki.ca)], credentials=client)
+    inference = _start(
+        trained_repository,
+        tmp_path / "inference",
+        ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)],
+        credentials=client,
+    )
     gateway = None
     try:
         address = f"localhost:{inference.port}"
         # no client certificate: the TLS handshake itself fails
         with grpc.secure_channel(address, channel_credentials(pki.ca)) as channel:
-            assert _code(pb_grpc.GRPCInferenceServiceStub(channel).ServerLive, pb.ServerLiveRequest()) == grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(pb_grpc.GRPCInferenceServiceStub(channel).ServerLive, pb.ServerLiveRequest())
+                == grpc.StatusCode.UNAVAILABLE
+            )
         with grpc.secure_channel(address, client) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             # health needs no token: probes and the gateways' readiness checks
-            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
             assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
             # the unload that took a model offline unauthenticated: refused without a token or with a wrong one
             unload = pb.RepositoryModelUnloadRequest(model_name=MODEL)
             assert _code(stub.RepositoryModelUnload, unload) == grpc.StatusCode.UNAUTHENTICATED
-            assert _code(stub.RepositoryModelUnload, unload, metadata=[("authorization", "Bearer not-the-token")]) == \
-                grpc.StatusCode.UNAUTHENTICATED
-            assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=10, metadata=[("authorization", f"Bearer {TOKEN}")]).ready
+            assert (
+                _code(stub.RepositoryModelUnload, unload, metadata=[("authorization", "Bearer not-the-token")])
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
+            assert stub.ModelReady(
+                pb.ModelReadyRequest(name=MODEL), timeout=10, metadata=[("authorization", f"Bearer {TOKEN}")]
+            ).ready
             assert _code(stub.ModelMetadata, pb.ModelMetadataRequest(name=MODEL)) == grpc.StatusCode.UNAUTHENTICATED
         log = inference.log_text()
         refusals = [line for line in log.splitlines() if "authentication refused" in line]
@@ -84,12 +113,24 @@ def test_mutual_tls_and_tokens_on_every_rpc_but_health(trained_repository: Path,
 
         # the gateway reaches it by host name (the certificate's), with its client certificate and the token
         gateway = processes.start_gateway(
-            address, tmp_path / "gateway", env={"CXR_GATEWAY_UPSTREAM_TOKEN": TOKEN},
-            extra=["--upstream-ca", str(pki.ca), "--upstream-cert", str(pki.client_cert), "--upstream-key", str(pki.client_key)])
+            address,
+            tmp_path / "gateway",
+            env={"CXR_GATEWAY_UPSTREAM_TOKEN": TOKEN},
+            extra=[
+                "--upstream-ca",
+                str(pki.ca),
+                "--upstream-cert",
+                str(pki.client_cert),
+                "--upstream-key",
+                str(pki.client_key),
+            ],
+        )
         processes.wait_ready(gateway.address)
         with grpc.insecure_channel(gateway.address) as channel:
             image = (dicom_dir / "CR-MONO1-10-chest.dcm").read_bytes()
-            answer = gateway_pb2_grpc.GatewayStub(channel).Classify(gpb.ClassifyRequest(image=image, model_name=MODEL), timeout=60)
+            answer = gateway_pb2_grpc.GatewayStub(channel).Classify(
+                gpb.ClassifyRequest(image=image, model_name=MODEL), timeout=60
+            )
         assert answer.model_name == MODEL
     finally:
         if gateway is not None:
@@ -110,15 +151,24 @@ def test_control_scope_and_model_names_never_reach_the_filesystem(trained_reposi
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             # scope "control": reading and inference need no token, changing what is served does
             assert _code(stub.ModelMetadata, pb.ModelMetadataRequest(name=MODEL)) == grpc.StatusCode.OK
-            assert _code(stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=MODEL)) == grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _code(stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=MODEL))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             token = [("authorization", f"Bearer {TOKEN}")]
             for name in ("x" * 300, "é" * 200, "../" + MODEL, "a\x00b", ".hidden"):
-                for call, request in ((stub.ModelMetadata, pb.ModelMetadataRequest(name=name)),
-                                      (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=name)),
-                                      (stub.ModelInfer, pb.ModelInferRequest(model_name=name))):
+                for call, request in (
+                    (stub.ModelMetadata, pb.ModelMetadataRequest(name=name)),
+                    (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=name)),
+                    (stub.ModelInfer, pb.ModelInferRequest(model_name=name)),
+                ):
                     with pytest.raises(grpc.RpcError) as info:
                         call(request, timeout=10, metadata=token)
-                    assert info.value.code() == grpc.StatusCode.NOT_FOUND, (name[:10], info.value.code(), info.value.details())
+                    assert info.value.code() == grpc.StatusCode.NOT_FOUND, (
+                        name[:10],
+                        info.value.code(),
+                        info.value.details(),
+                    )
                     assert server_path not in info.value.details() and len(info.value.details()) < 1000
                 assert not stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=10).ready
             # a broken model's load error and index reason name no server path either
@@ -137,12 +187,14 @@ def test_control_scope_and_model_names_never_reach_the_filesystem(trained_reposi
         assert requests.get(f"{http}/v2/models/{MODEL}", timeout=10).status_code == 200  # scope control: reads are open
         refused = requests.post(f"{http}/v2/repository/models/{MODEL}/unload", timeout=10)
         assert refused.status_code == 401 and "bearer token" in refused.json()["error"]
-        wrong = requests.post(f"{http}/v2/repository/models/{MODEL}/unload", timeout=10,
-                              headers={"Authorization": "Bearer not-the-token"})
+        wrong = requests.post(
+            f"{http}/v2/repository/models/{MODEL}/unload", timeout=10, headers={"Authorization": "Bearer not-the-token"}
+        )
         assert wrong.status_code == 401
         assert _counter(inference.metrics_text(), "cxr_inference_auth_refused_total", UNLOAD) == 3  # 1 gRPC + 2 HTTP
-        unloaded = requests.post(f"{http}/v2/repository/models/{MODEL}/unload", timeout=30,
-                                 headers={"Authorization": f"Bearer {TOKEN}"})
+        unloaded = requests.post(
+            f"{http}/v2/repository/models/{MODEL}/unload", timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
         assert unloaded.status_code == 200, unloaded.text
         assert requests.get(f"{http}/v2/models/{MODEL}/ready", timeout=10).status_code == 400  # unloaded: not ready
         assert inference.alive()

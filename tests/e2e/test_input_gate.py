@@ -36,8 +36,9 @@ REFUSED = re.compile(r"^image refused \((?P<reason>[a-z_]+)\): .{20,}$")
 @pytest.fixture(scope="module")
 def strict_gateway(inference_service, tmp_path_factory):
     """A gateway with the default input gate (every reason refuses)."""
-    service = processes.start_gateway(inference_service.address, tmp_path_factory.mktemp("strict-gateway"),
-                                      extra=["--gate-as-notice", ""])
+    service = processes.start_gateway(
+        inference_service.address, tmp_path_factory.mktemp("strict-gateway"), extra=["--gate-as-notice", ""]
+    )
     processes.wait_ready(service.address)
     channel = grpc.insecure_channel(service.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
     yield service, gateway_pb2_grpc.GatewayStub(channel)
@@ -74,7 +75,10 @@ def _counter(service, name: str, **labels) -> float:
 
 def test_header_refusals_are_exact_and_counted(strict_gateway, dicom_dir: Path):
     service, stub = strict_gateway
-    before = {r: _counter(service, "cxr_gateway_image_errors_total", reason=r) for r in ("not_radiograph", "not_chest", "lateral_view")}
+    before = {
+        r: _counter(service, "cxr_gateway_image_errors_total", reason=r)
+        for r in ("not_radiograph", "not_chest", "lateral_view")
+    }
     for name, data in gate_corpus.ct_mr():  # pydicom's own CT, MR and NM slices
         assert _refusal(stub, data) == "not_radiograph", name
     assert _refusal(stub, _dicom(dicom_dir, Modality="MR")) == "not_radiograph"
@@ -84,7 +88,10 @@ def test_header_refusals_are_exact_and_counted(strict_gateway, dicom_dir: Path):
     assert after["not_radiograph"] - before["not_radiograph"] == len(gate_corpus.ct_mr()) + 1
     assert after["not_chest"] - before["not_chest"] == 1 and after["lateral_view"] - before["lateral_view"] == 1
     # a chest radiograph with the same header fields set to chest values is answered
-    ok = stub.Classify(pb.ClassifyRequest(image=_dicom(dicom_dir, Modality="DX", BodyPartExamined="CHEST", ViewPosition="PA")), timeout=60)
+    ok = stub.Classify(
+        pb.ClassifyRequest(image=_dicom(dicom_dir, Modality="DX", BodyPartExamined="CHEST", ViewPosition="PA")),
+        timeout=60,
+    )
     assert ok.top_class and ok.HasField("ood_score")
 
 
@@ -108,16 +115,23 @@ def test_clearly_off_inputs_are_refused_out_of_distribution(strict_gateway):
 def test_stream_items_carry_the_refusal_reason(strict_gateway, dicom_dir: Path):
     _, stub = strict_gateway
     ct = gate_corpus.ct_mr()[0][1]
-    requests_ = [pb.ClassifyRequest(image=ct, request_id="ct"),
-                 pb.ClassifyRequest(image=(dicom_dir / NIH).read_bytes(), request_id="cxr")]
+    requests_ = [
+        pb.ClassifyRequest(image=ct, request_id="ct"),
+        pb.ClassifyRequest(image=(dicom_dir / NIH).read_bytes(), request_id="cxr"),
+    ]
     answers = list(stub.ClassifyStream(iter(requests_), timeout=60))
     assert [a.request_id for a in answers] == ["ct", "cxr"]
     assert answers[0].error.reason == "not_radiograph" and answers[0].error.code_name == "INVALID_ARGUMENT"
     assert answers[0].error.message.startswith("image refused (not_radiograph): ")
-    assert answers[1].WhichOneof("result") in ("response", "error")  # a real radiograph: answered unless out of distribution
+    assert answers[1].WhichOneof("result") in (
+        "response",
+        "error",
+    )  # a real radiograph: answered unless out of distribution
 
 
-def test_response_carries_score_threshold_and_operating_point(strict_gateway, trained_repository: Path, onnx_reference, cxr_raw_dir: Path):
+def test_response_carries_score_threshold_and_operating_point(
+    strict_gateway, trained_repository: Path, onnx_reference, cxr_raw_dir: Path
+):
     _, stub = strict_gateway
     for model in ("custom_cnn", "ensemble"):
         config = read_config(trained_repository / model)
@@ -147,7 +161,9 @@ def test_paediatric_notice_from_patient_age(strict_gateway, dicom_dir: Path):
 
 
 def test_gate_as_notice_answers_with_a_notice(inference_service, dicom_dir: Path, tmp_path: Path):
-    gateway = processes.start_gateway(inference_service.address, tmp_path / "gateway", extra=["--gate-as-notice", "all"])
+    gateway = processes.start_gateway(
+        inference_service.address, tmp_path / "gateway", extra=["--gate-as-notice", "all"]
+    )
     try:
         processes.wait_ready(gateway.address)
         channel = grpc.insecure_channel(gateway.address)
@@ -164,7 +180,9 @@ def test_gate_as_notice_answers_with_a_notice(inference_service, dicom_dir: Path
         gateway.stop()
 
 
-def test_a_model_without_ood_score_still_serves_with_a_notice(trained_repository: Path, dicom_dir: Path, tmp_path: Path):
+def test_a_model_without_ood_score_still_serves_with_a_notice(
+    trained_repository: Path, dicom_dir: Path, tmp_path: Path
+):
     """An older repository: the graph has no ood_score output and the config no threshold or operating point."""
     repository = tmp_path / "repository"
     shutil.copytree(trained_repository / "custom_cnn", repository / "custom_cnn")
@@ -181,12 +199,15 @@ def test_a_model_without_ood_score_still_serves_with_a_notice(trained_repository
         del config.parameters[key]
     write_config(repository / "custom_cnn", config)
     inference = processes.start_inference(repository, tmp_path / "inference")
-    gateway = processes.start_gateway(inference.address, tmp_path / "gateway",
-                                      extra=["--default-model", "custom_cnn", "--gate-as-notice", ""])
+    gateway = processes.start_gateway(
+        inference.address, tmp_path / "gateway", extra=["--default-model", "custom_cnn", "--gate-as-notice", ""]
+    )
     try:
         processes.wait_ready(gateway.address)
         channel = grpc.insecure_channel(gateway.address)
-        r = gateway_pb2_grpc.GatewayStub(channel).Classify(pb.ClassifyRequest(image=(dicom_dir / NIH).read_bytes()), timeout=60)
+        r = gateway_pb2_grpc.GatewayStub(channel).Classify(
+            pb.ClassifyRequest(image=(dicom_dir / NIH).read_bytes()), timeout=60
+        )
         assert r.top_class and not r.HasField("ood_score") and not r.HasField("operating_point") and not r.indeterminate
         assert any(n.startswith("no input gate for this model") for n in r.notices)
         channel.close()

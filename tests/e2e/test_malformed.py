@@ -14,7 +14,12 @@ from tests.e2e.limits import GATEWAY_MAX_IMAGE_BYTES
 
 # damaged inputs make pydicom and PIL warn on their way to the refusal we assert: expected, not noise to show
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
-FORMATS = {None: pb.IMAGE_FORMAT_UNSPECIFIED, "png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "dicom": pb.IMAGE_FORMAT_DICOM}
+FORMATS = {
+    None: pb.IMAGE_FORMAT_UNSPECIFIED,
+    "png": pb.IMAGE_FORMAT_PNG,
+    "jpeg": pb.IMAGE_FORMAT_JPEG,
+    "dicom": pb.IMAGE_FORMAT_DICOM,
+}
 
 
 def _expect(stub, request: pb.ClassifyRequest, code: str) -> str:
@@ -25,25 +30,54 @@ def _expect(stub, request: pb.ClassifyRequest, code: str) -> str:
     return info.value.details()
 
 
-def test_malformed_corpus_gets_the_right_codes_and_the_gateway_keeps_serving(gateway_stub, gateway_service, dicom_dir: Path, cxr_raw_dir: Path):
+def test_malformed_corpus_gets_the_right_codes_and_the_gateway_keeps_serving(
+    gateway_stub, gateway_service, dicom_dir: Path, cxr_raw_dir: Path
+):
     cases = corpus.build(dicom_dir, cxr_raw_dir)
     png = sorted((cxr_raw_dir / "Normal").glob("*.png"))[0].read_bytes()
     valid = (dicom_dir / corpus.NIH).read_bytes()
     # beyond the corpus: oversized input, a message beyond gRPC's limit, malformed request fields
     extra = [
-        ("oversized_png_padding", pb.ClassifyRequest(image=corpus.oversized(GATEWAY_MAX_IMAGE_BYTES, png)), "INVALID_ARGUMENT", "too_large"),
-        ("beyond_grpc_message_limit", pb.ClassifyRequest(image=b"\0" * (GATEWAY_MAX_IMAGE_BYTES + 512 * 1024)), "RESOURCE_EXHAUSTED", None),
-        ("bad_model_name", pb.ClassifyRequest(image=valid, model_name="../../etc/passwd"), "INVALID_ARGUMENT", "model_name"),
-        ("bad_model_version", pb.ClassifyRequest(image=valid, model_name="custom_cnn", model_version="latest"), "INVALID_ARGUMENT", "model_version"),
+        (
+            "oversized_png_padding",
+            pb.ClassifyRequest(image=corpus.oversized(GATEWAY_MAX_IMAGE_BYTES, png)),
+            "INVALID_ARGUMENT",
+            "too_large",
+        ),
+        (
+            "beyond_grpc_message_limit",
+            pb.ClassifyRequest(image=b"\0" * (GATEWAY_MAX_IMAGE_BYTES + 512 * 1024)),
+            "RESOURCE_EXHAUSTED",
+            None,
+        ),
+        (
+            "bad_model_name",
+            pb.ClassifyRequest(image=valid, model_name="../../etc/passwd"),
+            "INVALID_ARGUMENT",
+            "model_name",
+        ),
+        (
+            "bad_model_version",
+            pb.ClassifyRequest(image=valid, model_name="custom_cnn", model_version="latest"),
+            "INVALID_ARGUMENT",
+            "model_version",
+        ),
         ("unknown_format_enum", pb.ClassifyRequest(image=valid, format=42), "INVALID_ARGUMENT", "format"),
         ("unknown_model", pb.ClassifyRequest(image=valid, model_name="densenet"), "NOT_FOUND", "densenet"),
-        ("unknown_version", pb.ClassifyRequest(image=valid, model_name="mobilenet", model_version="77"), "NOT_FOUND", "77"),
+        (
+            "unknown_version",
+            pb.ClassifyRequest(image=valid, model_name="mobilenet", model_version="77"),
+            "NOT_FOUND",
+            "77",
+        ),
     ]
     assert len(cases) + len(extra) >= 40
     wrong = []
     for i, case in enumerate(cases):
         with pytest.raises(grpc.RpcError) as info:
-            gateway_stub.Classify(pb.ClassifyRequest(image=case.data, format=FORMATS[case.fmt], request_id=case.name), timeout=60)
+            gateway_stub.Classify(
+                pb.ClassifyRequest(image=case.data, format=FORMATS[case.fmt], request_id=case.name), timeout=60
+            )
         code, details = info.value.code().name, info.value.details() or ""
         if code != case.code or not any(f"({reason})" in details for reason in case.reasons):
             wrong.append((case.name, code, details))

@@ -25,8 +25,12 @@ def _labels(stub, data: bytes) -> list[str]:
 def test_metadata_refreshes_after_a_reload(trained_repository: Path, dicom_dir: Path, tmp_path: Path):
     repository = tmp_path / "repository"
     shutil.copytree(trained_repository / "mobilenet", repository / "mobilenet")
-    inference = processes.start_inference(repository, tmp_path / "inference", extra=["--model-control", "explicit", "--load-model", "mobilenet"])
-    gateway = processes.start_gateway(inference.address, tmp_path / "gateway", env={"CXR_GATEWAY_METADATA_TTL_S": str(TTL_S)})
+    inference = processes.start_inference(
+        repository, tmp_path / "inference", extra=["--model-control", "explicit", "--load-model", "mobilenet"]
+    )
+    gateway = processes.start_gateway(
+        inference.address, tmp_path / "gateway", env={"CXR_GATEWAY_METADATA_TTL_S": str(TTL_S)}
+    )
     data = (dicom_dir / "CR-MONO1-10-chest.dcm").read_bytes()
     try:
         processes.wait_ready(gateway.address)
@@ -42,7 +46,8 @@ def test_metadata_refreshes_after_a_reload(trained_repository: Path, dicom_dir: 
         (repository / "mobilenet" / "labels.txt").write_text("Class A\nClass B\nClass C\n")
         inference_channel = grpc.insecure_channel(inference.address)
         grpc_service_pb2_grpc.GRPCInferenceServiceStub(inference_channel).RepositoryModelLoad(
-            grpc_service_pb2.RepositoryModelLoadRequest(model_name="mobilenet"), timeout=120)
+            grpc_service_pb2.RepositoryModelLoadRequest(model_name="mobilenet"), timeout=120
+        )
         inference_channel.close()
 
         if time.monotonic() - fetched_at < TTL_S * 0.8:

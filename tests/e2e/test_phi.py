@@ -48,15 +48,25 @@ def _needles() -> list[str]:
     needles = set()
     for value in PLANTED.values():
         needles.add(value)
-        needles.update(part for part in value.replace("^", " ").split() if len(part) >= 6 and not part.isdigit() and part not in ("General", "Hospital"))
+        needles.update(
+            part
+            for part in value.replace("^", " ").split()
+            if len(part) >= 6 and not part.isdigit() and part not in ("General", "Hospital")
+        )
     return sorted(needles)
 
 
-def test_planted_patient_identity_is_in_no_log_and_no_metric(gateway_stub, gateway_service, inference_service, dicom_dir: Path):
+def test_planted_patient_identity_is_in_no_log_and_no_metric(
+    gateway_stub, gateway_service, inference_service, dicom_dir: Path
+):
     ds = _planted(dicom_dir)
     valid = _dicom(ds)
-    ids = pb.StudyIdentifiers(study_instance_uid=PLANTED["StudyInstanceUID"], series_instance_uid=PLANTED["SeriesInstanceUID"],
-                              sop_instance_uid=PLANTED["SOPInstanceUID"], accession_number=PLANTED["AccessionNumber"])
+    ids = pb.StudyIdentifiers(
+        study_instance_uid=PLANTED["StudyInstanceUID"],
+        series_instance_uid=PLANTED["SeriesInstanceUID"],
+        sop_instance_uid=PLANTED["SOPInstanceUID"],
+        accession_number=PLANTED["AccessionNumber"],
+    )
     # valid, with a heatmap, through the stream, and refused in several ways (error paths log too)
     response = gateway_stub.Classify(pb.ClassifyRequest(image=valid, identifiers=ids, return_heatmap=True), timeout=60)
     assert response.identifiers == ids  # echoed back to the caller, and only to the caller
@@ -75,16 +85,24 @@ def test_planted_patient_identity_is_in_no_log_and_no_metric(gateway_stub, gatew
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
     gateway_stub.Classify(pb.ClassifyRequest(image=_dicom(bad_dates), identifiers=ids), timeout=60)
-    answers = list(gateway_stub.ClassifyStream(iter([pb.ClassifyRequest(image=d, identifiers=ids) for d in (valid, refused[1])]), timeout=60))
+    answers = list(
+        gateway_stub.ClassifyStream(
+            iter([pb.ClassifyRequest(image=d, identifiers=ids) for d in (valid, refused[1])]), timeout=60
+        )
+    )
     assert [a.WhichOneof("result") for a in answers] == ["response", "error"]
 
     texts = {
         "gateway log": gateway_service.log_text(),
         "inference log": inference_service.log_text(),
         "gateway metrics": requests.get(f"http://127.0.0.1:{gateway_service.metrics_port}/metrics", timeout=10).text,
-        "inference metrics": requests.get(f"http://127.0.0.1:{inference_service.metrics_port}/metrics", timeout=10).text,
+        "inference metrics": requests.get(
+            f"http://127.0.0.1:{inference_service.metrics_port}/metrics", timeout=10
+        ).text,
     }
     assert '"code":"OK"' in texts["gateway log"] and '"code":"INVALID_ARGUMENT"' in texts["gateway log"]
     assert "cxr_gateway_requests_total" in texts["gateway metrics"]
-    leaks = [(where, needle) for where, text in texts.items() for needle in _needles() if needle.lower() in text.lower()]
+    leaks = [
+        (where, needle) for where, text in texts.items() for needle in _needles() if needle.lower() in text.lower()
+    ]
     assert not leaks, leaks

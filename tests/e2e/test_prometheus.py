@@ -51,12 +51,15 @@ def _wait_until_ready(server: subprocess.Popen, prometheus: str, log: Path, time
     pytest.fail(f"prometheus not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def test_prometheus_scrapes_both_services_and_counts_what_we_sent(trained_repository: Path, dicom_dir: Path, cxr_raw_dir: Path, tmp_path: Path):
+def test_prometheus_scrapes_both_services_and_counts_what_we_sent(
+    trained_repository: Path, dicom_dir: Path, cxr_raw_dir: Path, tmp_path: Path
+):
     binary = shutil.which("prometheus")
     require(binary is not None, "Debian's `prometheus` is needed (apt-get install prometheus)")
     # our own pair of services, so the counters hold this test's requests only
-    inference = processes.start_inference(trained_repository, tmp_path / "inference",
-                                          extra=["--model-control", "explicit", "--load-model", "mobilenet"])
+    inference = processes.start_inference(
+        trained_repository, tmp_path / "inference", extra=["--model-control", "explicit", "--load-model", "mobilenet"]
+    )
     gateway = processes.start_gateway(inference.address, tmp_path / "gateway")
     prometheus_port = processes.free_port()
     config = tmp_path / "prometheus.yml"
@@ -72,9 +75,14 @@ scrape_configs:
 """)
     log = open(tmp_path / "prometheus.log", "wb")
     server = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     prometheus = f"http://127.0.0.1:{prometheus_port}"
     try:
@@ -83,7 +91,10 @@ scrape_configs:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         images = [p.read_bytes() for p in sorted((cxr_raw_dir / "Normal").glob("*.png"))[:OK_REQUESTS]]
         for data in images:
-            assert stub.Classify(pb.ClassifyRequest(image=data, model_name="mobilenet"), timeout=60).model_name == "mobilenet"
+            assert (
+                stub.Classify(pb.ClassifyRequest(image=data, model_name="mobilenet"), timeout=60).model_name
+                == "mobilenet"
+            )
         for data in images[:BAD_REQUESTS]:
             with pytest.raises(grpc.RpcError) as info:
                 stub.Classify(pb.ClassifyRequest(image=data[:100], model_name="mobilenet"), timeout=60)
@@ -103,7 +114,7 @@ scrape_configs:
         _wait_for(prometheus, 'sum(cxr_inference_request_success_total{model="mobilenet"})', OK_REQUESTS)
         _wait_for(prometheus, 'sum(cxr_gateway_request_seconds_count{model="mobilenet"})', OK_REQUESTS)
         _wait_for(prometheus, "sum(cxr_gateway_predictions_total)", OK_REQUESTS)
-        _wait_for(prometheus, 'sum(cxr_gateway_image_errors_total)', BAD_REQUESTS)
+        _wait_for(prometheus, "sum(cxr_gateway_image_errors_total)", BAD_REQUESTS)
         _wait_for(prometheus, "cxr_gateway_upstream_ready", 1)
         _wait_for(prometheus, "cxr_gateway_in_flight_requests", 0)
     finally:

@@ -28,7 +28,9 @@ def _wait_in_flight(gateway: processes.Service, count: int, timeout: float = 30.
 
 def test_sigterm_drains_accepted_requests(inference_service, dicom_dir: Path, tmp_path: Path):
     # a grace period no loaded machine runs out of: the point is that accepted requests are answered, not how fast
-    gateway = processes.start_gateway(inference_service.address, tmp_path, extra=["--decode-workers", "1", "--shutdown-grace", "120"])
+    gateway = processes.start_gateway(
+        inference_service.address, tmp_path, extra=["--decode-workers", "1", "--shutdown-grace", "120"]
+    )
     processes.wait_ready(gateway.address)
     data = (dicom_dir / "RG1_J2KI.dcm").read_bytes()  # JPEG 2000, 1955x1841: slow enough to be caught in flight
     channel = grpc.insecure_channel(gateway.address)

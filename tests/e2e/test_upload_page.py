@@ -19,16 +19,27 @@ import requests
 
 from conftest import ROOT, require
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1500"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1500",
+]
 WAIT_S = 120
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    require(shutil.which("chromium") is not None and shutil.which("chromedriver") is not None,
-            "Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    require(
+        shutil.which("chromium") is not None and shutil.which("chromedriver") is not None,
+        "Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
+    )
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -51,13 +62,17 @@ def _upload(browser, url: str, path: Path, expect: str) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(url)
-    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"
+    )
     browser.find_element(By.ID, "file").send_keys(str(path))
     browser.find_element(By.ID, "submit").click()
     WebDriverWait(browser, WAIT_S).until(
-        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == expect, \
-        browser.find_element(By.ID, "error").text
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")
+    )
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == expect, browser.find_element(
+        By.ID, "error"
+    ).text
 
 
 def test_upload_a_dicom_and_see_the_answer(browser, gateway_service, dicom_dir: Path, tmp_path: Path):
@@ -65,8 +80,13 @@ def test_upload_a_dicom_and_see_the_answer(browser, gateway_service, dicom_dir: 
 
     path = sorted(dicom_dir.rglob("*.dcm"))[0]
     url = f"http://127.0.0.1:{gateway_service.http_port}"
-    expected = requests.post(f"{url}/v1/classify", params={"heatmap": "true"}, data=path.read_bytes(),
-                             headers={"Content-Type": "application/dicom"}, timeout=120).json()
+    expected = requests.post(
+        f"{url}/v1/classify",
+        params={"heatmap": "true"},
+        data=path.read_bytes(),
+        headers={"Content-Type": "application/dicom"},
+        timeout=120,
+    ).json()
 
     _upload(browser, url + "/", path, "done")
     rows = browser.find_elements(By.CSS_SELECTOR, "#bars li")
@@ -85,7 +105,8 @@ def test_upload_a_dicom_and_see_the_answer(browser, gateway_service, dicom_dir: 
     # the heatmap overlay is an image the browser has decoded, of the size the gateway rendered
     loaded = browser.execute_script(
         "const img = document.getElementById('heatmap-image');"
-        "return [img.complete, img.naturalWidth, img.naturalHeight, !img.closest('figure').hidden];")
+        "return [img.complete, img.naturalWidth, img.naturalHeight, !img.closest('figure').hidden];"
+    )
     assert loaded[0] and loaded[1] > 0 and loaded[2] > 0 and loaded[3], loaded
 
     screenshot = tmp_path / "upload-page.png"
@@ -101,8 +122,9 @@ def test_an_unreadable_file_shows_the_gateway_message(browser, gateway_service, 
     bad = tmp_path / "truncated.png"  # a browser sends .png as image/png: the same request as below
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
     url = f"http://127.0.0.1:{gateway_service.http_port}"
-    expected = requests.post(f"{url}/v1/classify", data=bad.read_bytes(), headers={"Content-Type": "image/png"},
-                             timeout=60)
+    expected = requests.post(
+        f"{url}/v1/classify", data=bad.read_bytes(), headers={"Content-Type": "image/png"}, timeout=60
+    )
     assert expected.status_code == 400
     _upload(browser, url + "/", bad, "error")
     assert browser.find_element(By.ID, "error").text == expected.json()["message"]
@@ -130,4 +152,4 @@ def test_every_control_is_reached_with_the_tab_key_in_order(browser, gateway_ser
         ActionChains(browser).send_keys(Keys.TAB).perform()
         reached.append(browser.execute_script("return document.activeElement.id"))
     order = ["file", "model", "version", "heatmap", "token", "submit"]
-    assert [r for r in reached if r in order][:len(order)] == order, reached
+    assert [r for r in reached if r in order][: len(order)] == order, reached

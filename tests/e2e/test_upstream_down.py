@@ -21,7 +21,9 @@ DEADLINE_S = 30.0
 def _classify(address: str, data: bytes) -> grpc.StatusCode:
     channel = grpc.insecure_channel(address)
     try:
-        gateway_pb2_grpc.GatewayStub(channel).Classify(pb.ClassifyRequest(image=data, model_name="custom_cnn"), timeout=DEADLINE_S)
+        gateway_pb2_grpc.GatewayStub(channel).Classify(
+            pb.ClassifyRequest(image=data, model_name="custom_cnn"), timeout=DEADLINE_S
+        )
         return grpc.StatusCode.OK
     except grpc.RpcError as exc:
         return exc.code()
@@ -38,11 +40,15 @@ def _wait_health(address: str, wanted: int, timeout: float = 60.0) -> None:
     pytest.fail(f"gateway health never became {wanted}")
 
 
-def test_unavailable_quickly_while_down_and_serving_again_after(trained_repository: Path, dicom_dir: Path, tmp_path: Path):
+def test_unavailable_quickly_while_down_and_serving_again_after(
+    trained_repository: Path, dicom_dir: Path, tmp_path: Path
+):
     data = (dicom_dir / "CR-MONO1-10-chest.dcm").read_bytes()
     port = processes.free_port()
     # the Kubernetes form of the target (dns:/// + round_robin over every resolved address)
-    gateway = processes.start_gateway(f"dns:///localhost:{port}", tmp_path / "gateway", extra=["--request-timeout", str(DEADLINE_S)])
+    gateway = processes.start_gateway(
+        f"dns:///localhost:{port}", tmp_path / "gateway", extra=["--request-timeout", str(DEADLINE_S)]
+    )
     inference = None
     try:
         # 1. nothing listens upstream: NOT_SERVING, and UNAVAILABLE, not DEADLINE_EXCEEDED after 30 s
@@ -51,12 +57,20 @@ def test_unavailable_quickly_while_down_and_serving_again_after(trained_reposito
             assert _classify(gateway.address, data) == grpc.StatusCode.UNAVAILABLE
         metrics = requests.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10).text
         assert 'cxr_gateway_requests_total{code="UNAVAILABLE"' in metrics
-        retries = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("cxr_gateway_upstream_retries_total ")]
+        retries = [
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("cxr_gateway_upstream_retries_total ")
+        ]
         assert retries and retries[0] >= 3, "UNAVAILABLE is retried (with backoff) before giving up"
         assert "cxr_gateway_upstream_ready 0.0" in metrics
         # 2. the inference service starts on that port: the gateway becomes ready by itself and serves
-        inference = processes.start_inference(trained_repository, tmp_path / "inference", port=port,
-                                              extra=["--model-control", "explicit", "--load-model", "custom_cnn"])
+        inference = processes.start_inference(
+            trained_repository,
+            tmp_path / "inference",
+            port=port,
+            extra=["--model-control", "explicit", "--load-model", "custom_cnn"],
+        )
         _wait_health(gateway.address, health_pb2.HealthCheckResponse.SERVING)
         assert _classify(gateway.address, data) == grpc.StatusCode.OK
         # 3. it dies without a goodbye: UNAVAILABLE again and NOT_SERVING

@@ -76,14 +76,26 @@ def test_gateway_to_inference_over_mutual_tls(inference_service, dicom_dir: Path
     pki = certs.make_pki(tmp_path / "pki")
     proxy = TlsProxy(inference_service.port, pki)
     upstream = f"127.0.0.1:{proxy.port}"
-    good = processes.start_gateway(upstream, tmp_path / "good", extra=[
-        "--upstream-ca", str(pki.ca), "--upstream-cert", str(pki.client_cert), "--upstream-key", str(pki.client_key)])
+    good = processes.start_gateway(
+        upstream,
+        tmp_path / "good",
+        extra=[
+            "--upstream-ca",
+            str(pki.ca),
+            "--upstream-cert",
+            str(pki.client_cert),
+            "--upstream-key",
+            str(pki.client_key),
+        ],
+    )
     no_cert = processes.start_gateway(upstream, tmp_path / "no-cert", extra=["--upstream-ca", str(pki.ca)])
     try:
         processes.wait_ready(good.address)
         channel = grpc.insecure_channel(good.address)
         response = gateway_pb2_grpc.GatewayStub(channel).Classify(
-            pb.ClassifyRequest(image=(dicom_dir / "CR-MONO1-10-chest.dcm").read_bytes(), model_name="custom_cnn"), timeout=60)
+            pb.ClassifyRequest(image=(dicom_dir / "CR-MONO1-10-chest.dcm").read_bytes(), model_name="custom_cnn"),
+            timeout=60,
+        )
         channel.close()
         assert response.model_name == "custom_cnn" and response.model_sha256
         assert "pacs-integration" in proxy.client_names  # the gateway presented the client certificate

@@ -25,16 +25,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> Service:
+def start(
+    name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> Service:
     """`cxr serve NAME ARGV...` with each process's math libraries kept to one thread (2-core machines)."""
     return start_service(name, argv, workdir, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout)
 
 
-def start_inference(repository: Path, workdir: Path, port: int = 0, extra: list[str] | None = None, metrics_port: int | None = None) -> Service:
+def start_inference(
+    repository: Path, workdir: Path, port: int = 0, extra: list[str] | None = None, metrics_port: int | None = None
+) -> Service:
     service = start(
         "inference",
-        ["--repository", str(repository), "--port", str(port), "--metrics-port", str(metrics_port or 0), "--http-port", "0", "--host", "127.0.0.1",
-         "--intra-op-threads", "1", "--grace-period", "2", *(extra or [])],
+        [
+            "--repository",
+            str(repository),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port or 0),
+            "--http-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--intra-op-threads",
+            "1",
+            "--grace-period",
+            "2",
+            *(extra or []),
+        ],
         workdir,
     )
     wait_ready(service.address)
@@ -47,16 +66,33 @@ def start_inference(repository: Path, workdir: Path, port: int = 0, extra: list[
 TEST_GATE_AS_NOTICE = ["--gate-as-notice", "out_of_distribution"]
 
 
-def start_gateway(inference: str, workdir: Path, extra: list[str] | None = None, env: dict[str, str] | None = None) -> Service:
+def start_gateway(
+    inference: str, workdir: Path, extra: list[str] | None = None, env: dict[str, str] | None = None
+) -> Service:
     return start(
         "gateway",
-        ["--inference", inference, "--port", "0", "--metrics-port", "0", "--http-port", "0", "--host", "127.0.0.1",
-         *TEST_GATE_AS_NOTICE, *(extra or [])],
-        workdir, env=env,
+        [
+            "--inference",
+            inference,
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            *TEST_GATE_AS_NOTICE,
+            *(extra or []),
+        ],
+        workdir,
+        env=env,
     )
 
 
-def wait_ready(address: str, timeout: float = 120.0, credentials: grpc.ChannelCredentials | None = None, service: str = "") -> None:
+def wait_ready(
+    address: str, timeout: float = 120.0, credentials: grpc.ChannelCredentials | None = None, service: str = ""
+) -> None:
     """Wait until grpc.health.v1 says SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -65,7 +101,11 @@ def wait_ready(address: str, timeout: float = 120.0, credentials: grpc.ChannelCr
     while time.monotonic() < deadline:
         channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                .status
+            )
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return
             last = status

@@ -38,8 +38,9 @@ def _refused_by_tls(url: str, **kwargs) -> bool:
 
 
 def test_tls_on_http(tmp_path: Path, pki: certs.Pki, dead_upstream: str):
-    gateway = processes.start_gateway(dead_upstream, tmp_path, extra=["--tls-cert", str(pki.server_cert),
-                                                                      "--tls-key", str(pki.server_key)])
+    gateway = processes.start_gateway(
+        dead_upstream, tmp_path, extra=["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    )
     try:
         url = f"https://127.0.0.1:{gateway.http_port}"
         models = requests.get(f"{url}/v1/models", verify=str(pki.ca), timeout=30)
@@ -57,20 +58,27 @@ def test_tls_on_http(tmp_path: Path, pki: certs.Pki, dead_upstream: str):
 
 def test_mutual_tls_and_tokens_on_http(tmp_path: Path, pki: certs.Pki, dead_upstream: str):
     gateway = processes.start_gateway(
-        dead_upstream, tmp_path,
+        dead_upstream,
+        tmp_path,
         extra=["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)],
-        env={"CXR_GATEWAY_AUTH_TOKENS": ",".join(TOKENS)})
+        env={"CXR_GATEWAY_AUTH_TOKENS": ",".join(TOKENS)},
+    )
     try:
         url = f"https://127.0.0.1:{gateway.http_port}"
         client = {"verify": str(pki.ca), "cert": (str(pki.client_cert), str(pki.client_key)), "timeout": 30}
         assert _refused_by_tls(f"{url}/healthz", verify=str(pki.ca)), "no client certificate"
-        assert _refused_by_tls(f"{url}/healthz", verify=str(pki.ca),
-                               cert=(str(pki.rogue_client_cert), str(pki.rogue_client_key))), "another CA's client"
+        assert _refused_by_tls(
+            f"{url}/healthz", verify=str(pki.ca), cert=(str(pki.rogue_client_cert), str(pki.rogue_client_key))
+        ), "another CA's client"
 
         health = requests.get(f"{url}/healthz", **client)  # probes need no token
         assert (health.status_code, health.json()) == (503, {"status": "NOT_SERVING"})
-        for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKENS[0]}"},
-                        {"Authorization": f"Bearer {TOKENS[0][:-1]}"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token"},
+            {"Authorization": f"Basic {TOKENS[0]}"},
+            {"Authorization": f"Bearer {TOKENS[0][:-1]}"},
+        ):
             for method, path in (("get", "/v1/models"), ("post", "/v1/classify")):
                 answer = getattr(requests, method)(f"{url}{path}", headers=headers, data=b"x", **client)
                 assert answer.status_code == 401, (headers, path, answer.text)

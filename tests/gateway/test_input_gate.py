@@ -15,21 +15,48 @@ def _reasons(**header) -> list[str]:
     return [r.reason for r in G.header_refusals(header)]
 
 
-@pytest.mark.parametrize("modality,refused", [("CR", False), ("DX", False), ("dx", False), ("CT", True), ("MR", True),
-                                              ("NM", True), ("US", True), ("MG", True), ("", False)])
+@pytest.mark.parametrize(
+    "modality,refused",
+    [
+        ("CR", False),
+        ("DX", False),
+        ("dx", False),
+        ("CT", True),
+        ("MR", True),
+        ("NM", True),
+        ("US", True),
+        ("MG", True),
+        ("", False),
+    ],
+)
 def test_modality_other_than_cr_or_dx_is_not_a_radiograph(modality, refused):
     assert _reasons(Modality=modality) == (["not_radiograph"] if refused else [])
 
 
-@pytest.mark.parametrize("body_part,refused", [("CHEST", False), ("Chest PA", False), ("THORAX", False), ("TORAX", False),
-                                               ("LUNG", False), ("PORT CHEST", False), ("KNEE", True), ("HAND", True),
-                                               ("ABDOMEN", True), ("SKULL", True), ("", False)])
+@pytest.mark.parametrize(
+    "body_part,refused",
+    [
+        ("CHEST", False),
+        ("Chest PA", False),
+        ("THORAX", False),
+        ("TORAX", False),
+        ("LUNG", False),
+        ("PORT CHEST", False),
+        ("KNEE", True),
+        ("HAND", True),
+        ("ABDOMEN", True),
+        ("SKULL", True),
+        ("", False),
+    ],
+)
 def test_body_part_present_and_not_a_chest(body_part, refused):
     assert _reasons(BodyPartExamined=body_part) == (["not_chest"] if refused else [])
 
 
-@pytest.mark.parametrize("view,refused", [("LL", True), ("RL", True), ("LATERAL", True), ("lat", True), ("PA", False),
-                                          ("AP", False), ("", False)])
+@pytest.mark.parametrize(
+    "view,refused",
+    [("LL", True), ("RL", True), ("LATERAL", True), ("lat", True), ("PA", False), ("AP", False), ("", False)],
+)
 def test_lateral_view_position(view, refused):
     assert _reasons(ViewPosition=view) == (["lateral_view"] if refused else [])
 
@@ -54,8 +81,19 @@ def test_ood_threshold_is_inclusive():
     assert G.ood_refusal(1.0001, 1.0).reason == "out_of_distribution"
 
 
-@pytest.mark.parametrize("age,years", [("045Y", 45.0), ("017Y", 17.0), ("006M", 0.5), ("003D", 3 / 365.25),
-                                       ("052W", 52 / 52.18), ("45", None), ("", None), ("1234Y", None)])
+@pytest.mark.parametrize(
+    "age,years",
+    [
+        ("045Y", 45.0),
+        ("017Y", 17.0),
+        ("006M", 0.5),
+        ("003D", 3 / 365.25),
+        ("052W", 52 / 52.18),
+        ("45", None),
+        ("", None),
+        ("1234Y", None),
+    ],
+)
 def test_patient_age(age, years):
     got = G.age_in_years(age)
     assert got == pytest.approx(years) if years is not None else got is None

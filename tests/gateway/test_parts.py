@@ -34,27 +34,72 @@ def test_environment_then_flags(monkeypatch):
 def test_every_flag_the_readme_tests_and_deploy_files_use_still_parses(tmp_path):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    paths = {flag: str(tmp_path / flag) for flag in ("tls-cert", "tls-key", "tls-client-ca", "auth-token-file",
-                                                     "upstream-ca", "upstream-cert", "upstream-key", "model-repository")}
-    argv = ["--inference", "dns:///inference:8001", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-            "--default-model", "mobilenet", "--max-image-bytes", "1000", "--max-image-pixels", "2000",
-            "--decode-workers", "3", "--decode-processes", "1", "--request-timeout", "5", "--lb-policy", "pick_first",
-            "--log-level", "DEBUG", "--port-file", str(tmp_path / "ports"), "--upstream-tls"]
+    paths = {
+        flag: str(tmp_path / flag)
+        for flag in (
+            "tls-cert",
+            "tls-key",
+            "tls-client-ca",
+            "auth-token-file",
+            "upstream-ca",
+            "upstream-cert",
+            "upstream-key",
+            "model-repository",
+        )
+    }
+    argv = [
+        "--inference",
+        "dns:///inference:8001",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--default-model",
+        "mobilenet",
+        "--max-image-bytes",
+        "1000",
+        "--max-image-pixels",
+        "2000",
+        "--decode-workers",
+        "3",
+        "--decode-processes",
+        "1",
+        "--request-timeout",
+        "5",
+        "--lb-policy",
+        "pick_first",
+        "--log-level",
+        "DEBUG",
+        "--port-file",
+        str(tmp_path / "ports"),
+        "--upstream-tls",
+    ]
     for flag, path in paths.items():
         argv += [f"--{flag}", path]
     args = parser.parse_args(argv)
     settings = settings_from_args(GatewaySettings, args)
     assert (settings.inference, settings.port, settings.max_image_bytes, settings.request_timeout_s) == (
-        "dns:///inference:8001", 0, 1000, 5.0)
+        "dns:///inference:8001",
+        0,
+        1000,
+        5.0,
+    )
     assert settings.upstream_tls is True and settings.lb_policy == "pick_first" and settings.decode_processes == 1
-    assert str(settings.tls_client_ca) == paths["tls-client-ca"] and str(settings.model_repository) == paths["model-repository"]
+    assert (
+        str(settings.tls_client_ca) == paths["tls-client-ca"]
+        and str(settings.model_repository) == paths["model-repository"]
+    )
     for secret in ("--upstream-token", "--auth-tokens"):
         assert secret not in parser.format_help(), "tokens come from the environment only (a flag shows in ps)"
 
 
 def test_serve_cli_imports_nothing_heavy():
-    code = ("import sys, services.gateway.cli, services.gateway.cli_classify; "
-            "print(sorted(m for m in ('torch', 'training', 'grpc', 'numpy', 'pydicom', 'onnxruntime') if m in sys.modules))")
+    code = (
+        "import sys, services.gateway.cli, services.gateway.cli_classify; "
+        "print(sorted(m for m in ('torch', 'training', 'grpc', 'numpy', 'pydicom', 'onnxruntime') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

@@ -11,15 +11,18 @@ import pytest
 from services.gateway.replicas import DOWN, HUNG, NOT_READY, READY, ReplicaSet, parse_target
 
 
-@pytest.mark.parametrize("target,parsed", [
-    ("dns:///inference:8001", ("inference", 8001)),
-    ("dns://10.0.0.10/inference.cxr.svc:8001", ("inference.cxr.svc", 8001)),
-    ("localhost:8001", ("localhost", 8001)),
-    ("[::1]:8001", ("::1", 8001)),
-    ("ipv4:127.0.0.1:1,127.0.0.2:2", ["ipv4:127.0.0.1:1", "ipv4:127.0.0.2:2"]),
-    ("unix:/run/inference.sock", None),
-    ("no-port", None),
-])
+@pytest.mark.parametrize(
+    "target,parsed",
+    [
+        ("dns:///inference:8001", ("inference", 8001)),
+        ("dns://10.0.0.10/inference.cxr.svc:8001", ("inference.cxr.svc", 8001)),
+        ("localhost:8001", ("localhost", 8001)),
+        ("[::1]:8001", ("::1", 8001)),
+        ("ipv4:127.0.0.1:1,127.0.0.2:2", ["ipv4:127.0.0.1:1", "ipv4:127.0.0.2:2"]),
+        ("unix:/run/inference.sock", None),
+        ("no-port", None),
+    ],
+)
 def test_parse_target(target, parsed):
     assert parse_target(target) == parsed
 

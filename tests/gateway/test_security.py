@@ -49,7 +49,11 @@ def _list_models(address: str, credentials=None, metadata=None) -> grpc.StatusCo
 def _health(address: str, credentials=None, metadata=None):
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     try:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5, metadata=metadata).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(), timeout=5, metadata=metadata)
+            .status
+        )
     except grpc.RpcError as exc:
         return exc.code()
     finally:
@@ -64,20 +68,27 @@ def test_tls(tmp_path: Path, pki: certs.Pki, dead_upstream: str):
         assert _list_models(gateway.address, trusted) == grpc.StatusCode.UNAVAILABLE  # in, but no inference service
         assert _list_models(gateway.address) == grpc.StatusCode.UNAVAILABLE  # plaintext client: no connection
         assert _health(gateway.address) == grpc.StatusCode.UNAVAILABLE
-        assert _health(gateway.address, channel_credentials(pki.rogue_ca)) == grpc.StatusCode.UNAVAILABLE  # server not trusted
+        assert (
+            _health(gateway.address, channel_credentials(pki.rogue_ca)) == grpc.StatusCode.UNAVAILABLE
+        )  # server not trusted
         assert '"tls":true' in gateway.log_text() and '"mtls":false' in gateway.log_text()
     finally:
         gateway.stop()
 
 
 def test_mutual_tls(tmp_path: Path, pki: certs.Pki, dead_upstream: str):
-    gateway = _gateway(tmp_path, dead_upstream, ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-                                                 "--tls-client-ca", str(pki.ca)])
+    gateway = _gateway(
+        tmp_path,
+        dead_upstream,
+        ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)],
+    )
     try:
         with_cert = channel_credentials(pki.ca, pki.client_cert, pki.client_key)
         assert _health(gateway.address, with_cert) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert _list_models(gateway.address, with_cert) == grpc.StatusCode.UNAVAILABLE
-        assert _health(gateway.address, channel_credentials(pki.ca)) == grpc.StatusCode.UNAVAILABLE  # no client certificate
+        assert (
+            _health(gateway.address, channel_credentials(pki.ca)) == grpc.StatusCode.UNAVAILABLE
+        )  # no client certificate
         rogue = channel_credentials(pki.ca, pki.rogue_client_cert, pki.rogue_client_key)
         assert _health(gateway.address, rogue) == grpc.StatusCode.UNAVAILABLE  # certificate from another CA
         assert _list_models(gateway.address, rogue) == grpc.StatusCode.UNAVAILABLE
@@ -97,9 +108,16 @@ def test_bearer_tokens(tmp_path: Path, dead_upstream: str, source: str):
     try:
         address = gateway.address
         assert _list_models(address) == grpc.StatusCode.UNAUTHENTICATED
-        assert _list_models(address, metadata=[("authorization", "Bearer wrong-token")]) == grpc.StatusCode.UNAUTHENTICATED
-        assert _list_models(address, metadata=[("authorization", f"Basic {TOKENS[0]}")]) == grpc.StatusCode.UNAUTHENTICATED
-        assert _list_models(address, metadata=[("authorization", f"Bearer {TOKENS[0][:-1]}")]) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            _list_models(address, metadata=[("authorization", "Bearer wrong-token")]) == grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert (
+            _list_models(address, metadata=[("authorization", f"Basic {TOKENS[0]}")]) == grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert (
+            _list_models(address, metadata=[("authorization", f"Bearer {TOKENS[0][:-1]}")])
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
         for token in TOKENS:
             assert _list_models(address, metadata=[("authorization", f"Bearer {token}")]) == grpc.StatusCode.UNAVAILABLE
         # health is exempt: probes need no token
@@ -107,7 +125,9 @@ def test_bearer_tokens(tmp_path: Path, dead_upstream: str, source: str):
         # streaming calls are checked too
         channel = grpc.insecure_channel(address)
         with pytest.raises(grpc.RpcError) as info:
-            list(gateway_pb2_grpc.GatewayStub(channel).ClassifyStream(iter([pb.ClassifyRequest(image=b"x")]), timeout=5))
+            list(
+                gateway_pb2_grpc.GatewayStub(channel).ClassifyStream(iter([pb.ClassifyRequest(image=b"x")]), timeout=5)
+            )
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         channel.close()
         assert '"token_auth":true' in gateway.log_text()

@@ -19,8 +19,14 @@ from services.gateway.config import GatewaySettings
 from services.gateway.upstream import InferenceClient, ModelSpec, UpstreamError
 
 CLASSES = ("Normal", "Lung_Opacity", "Viral Pneumonia")
-SPEC = ModelSpec(name="toy", versions=("1",), input_name="image", input_size=4, classes=CLASSES,
-                 outputs=frozenset({"probabilities", "cam"}))
+SPEC = ModelSpec(
+    name="toy",
+    versions=("1",),
+    input_name="image",
+    input_size=4,
+    classes=CLASSES,
+    outputs=frozenset({"probabilities", "cam"}),
+)
 PROBABILITIES = np.array([[0.2, 0.5, 0.3]], np.float32)
 
 
@@ -67,6 +73,7 @@ class ScriptedInference(pb_grpc.GRPCInferenceServiceServicer):
 
 def _run(script, scenario, **settings):
     """Start the scripted server, run `scenario(client, server)` with a client to it, return what it returns."""
+
     async def main():
         server = grpc.aio.server()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(script, server)
@@ -113,19 +120,27 @@ def test_unavailable_beyond_the_retries_is_unavailable_with_the_target_named():
     script.failures = [(grpc.StatusCode.UNAVAILABLE, "connection refused")] * 5
     error, retries = _failure(script, upstream_retries=2)
     assert isinstance(error, ServiceError), "one error type: the abort decorator handles it"
-    assert (error.code, error.reason, retries, script.calls) == (grpc.StatusCode.UNAVAILABLE, "upstream_unavailable", 2, 3)
+    assert (error.code, error.reason, retries, script.calls) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "upstream_unavailable",
+        2,
+        3,
+    )
     assert "inference service at 127.0.0.1:" in error.message and "connection refused" in error.message
 
 
-@pytest.mark.parametrize("code, details, mapped", [
-    (grpc.StatusCode.UNAVAILABLE, "Request for unknown model: 'toy' is not found", grpc.StatusCode.NOT_FOUND),
-    (grpc.StatusCode.INVALID_ARGUMENT, "model 'toy' has no version 7", grpc.StatusCode.NOT_FOUND),
-    (grpc.StatusCode.NOT_FOUND, "unknown model 'x'", grpc.StatusCode.NOT_FOUND),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full (max_queue_size 2)", grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, "not computed before the deadline", grpc.StatusCode.DEADLINE_EXCEEDED),
-    (grpc.StatusCode.INVALID_ARGUMENT, "expected shape [-1,1,4,4]", grpc.StatusCode.INTERNAL),
-    (grpc.StatusCode.PERMISSION_DENIED, "no", grpc.StatusCode.INTERNAL),
-])
+@pytest.mark.parametrize(
+    "code, details, mapped",
+    [
+        (grpc.StatusCode.UNAVAILABLE, "Request for unknown model: 'toy' is not found", grpc.StatusCode.NOT_FOUND),
+        (grpc.StatusCode.INVALID_ARGUMENT, "model 'toy' has no version 7", grpc.StatusCode.NOT_FOUND),
+        (grpc.StatusCode.NOT_FOUND, "unknown model 'x'", grpc.StatusCode.NOT_FOUND),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full (max_queue_size 2)", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "not computed before the deadline", grpc.StatusCode.DEADLINE_EXCEEDED),
+        (grpc.StatusCode.INVALID_ARGUMENT, "expected shape [-1,1,4,4]", grpc.StatusCode.INTERNAL),
+        (grpc.StatusCode.PERMISSION_DENIED, "no", grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_other_codes_are_not_retried_and_map_to_the_gateways_status(code, details, mapped):
     script = ScriptedInference()
     script.failures = [(code, details)]

@@ -17,8 +17,20 @@ def start_server(repository: Path, workdir: Path, *args: str, env: dict | None =
     """Start `cxr serve inference` on free ports, one onnxruntime thread; return once ready (all models warmed up)."""
     return start_service(
         "inference",
-        ["--repository", str(repository), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-         "--http-port", "0", *args],
-        workdir, env={"OMP_NUM_THREADS": "1", "CXR_INFERENCE_INTRA_OP_THREADS": "1", **(env or {})},
+        [
+            "--repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            *args,
+        ],
+        workdir,
+        env={"OMP_NUM_THREADS": "1", "CXR_INFERENCE_INTRA_OP_THREADS": "1", **(env or {})},
         timeout=SERVER_START_TIMEOUT_S,
     )

@@ -69,6 +69,7 @@ def rows(images, *indices):
 def test_timer_runs_from_the_first_requests_arrival(model, images):
     """A request arriving 0.25 s after the first joins its batch, which leaves 0.5 s after the *first* arrival
     (a timer restarted by the second arrival, MLServer's old bug, would hold the first request 0.75 s)."""
+
     async def scenario():
         batcher = make(model, max_queue_delay_us=500_000)
         first = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["probabilities"]))
@@ -88,6 +89,7 @@ def test_timer_runs_from_the_first_requests_arrival(model, images):
 def test_time_spent_waiting_for_a_busy_instance_counts_toward_the_delay(model, images):
     """A request that already waited longer than the delay while the instance was busy runs as soon as the
     instance is free; it does not start a fresh delay then."""
+
     async def scenario():
         batcher = make(model, max_queue_delay_us=300_000)
         model.gate = threading.Event()
@@ -136,8 +138,9 @@ def test_requests_pile_up_while_the_instance_is_busy_and_respect_max_batch_size(
         model.gate = threading.Event()
         busy = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["probabilities"]))
         await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 10)
-        waiting = [asyncio.create_task(batcher.infer({"image": rows(images, i % 6)}, 1, ["probabilities"]))
-                   for i in range(6)]
+        waiting = [
+            asyncio.create_task(batcher.infer({"image": rows(images, i % 6)}, 1, ["probabilities"])) for i in range(6)
+        ]
         await asyncio.sleep(0.1)
         model.gate.set()
         results = await asyncio.gather(busy, *waiting)
@@ -155,8 +158,7 @@ def test_a_preferred_batch_size_runs_at_once_without_waiting_for_the_delay(model
     async def scenario():
         batcher = make(model, preferred_batch_sizes=(3,), max_queue_delay_us=20_000_000)
         start = time.monotonic()
-        results = await asyncio.gather(*(batcher.infer({"image": rows(images, i)}, 1, ["logits"])
-                                         for i in range(3)))
+        results = await asyncio.gather(*(batcher.infer({"image": rows(images, i)}, 1, ["logits"]) for i in range(3)))
         elapsed = time.monotonic() - start
         await batcher.close()
         return results, elapsed
@@ -170,8 +172,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(
     async def scenario():
         batcher = make(model, max_queue_delay_us=600_000)
         loop_deadline = time.monotonic() + 0.1
-        short = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["logits"],
-                                                  deadline=loop_deadline))
+        short = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["logits"], deadline=loop_deadline))
         patient = asyncio.create_task(batcher.infer({"image": rows(images, 1, 2)}, 2, ["logits"]))
         with pytest.raises(ServiceError) as error:
             await short
@@ -190,11 +191,12 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(
 def test_queue_policy_timeout_and_its_override(model, images):
     """default_timeout_microseconds drops a queued request; with allow_timeout_override a request's own shorter
     timeout wins; without it the request's timeout is ignored."""
+
     async def scenario(allow):
         batcher = make(model, max_queue_delay_us=400_000, default_timeout_us=5_000_000, allow_timeout_override=allow)
         outcome = await asyncio.gather(
-            batcher.infer({"image": rows(images, 0)}, 1, ["logits"], timeout_us=100_000),
-            return_exceptions=True)
+            batcher.infer({"image": rows(images, 0)}, 1, ["logits"], timeout_us=100_000), return_exceptions=True
+        )
         await batcher.close()
         return outcome[0]
 
@@ -206,8 +208,7 @@ def test_queue_policy_timeout_and_its_override(model, images):
 
     async def default_only():
         batcher = make(model, max_queue_delay_us=400_000, default_timeout_us=100_000)
-        outcome = await asyncio.gather(batcher.infer({"image": rows(images, 0)}, 1, ["logits"]),
-                                       return_exceptions=True)
+        outcome = await asyncio.gather(batcher.infer({"image": rows(images, 0)}, 1, ["logits"]), return_exceptions=True)
         await batcher.close()
         return outcome[0]
 
@@ -231,8 +232,9 @@ def test_a_cancelled_request_costs_nothing_and_harms_no_other(model, images):
     cancelled, result, pending_after = asyncio.run(scenario())
     assert cancelled.cancelled()
     assert model.batches == [2], "the cancelled request's row must not be computed"
-    np.testing.assert_allclose(result.outputs["logits"], model.direct(rows(images, 3, 4))["logits"],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        result.outputs["logits"], model.direct(rows(images, 3, 4))["logits"], rtol=1e-4, atol=1e-5
+    )
     assert pending_after == 0
 
 
@@ -263,8 +265,7 @@ def test_a_failing_batch_answers_every_request_and_the_batcher_goes_on(model, im
     async def scenario():
         batcher = make(model, max_queue_delay_us=100_000)
         bad = {"image": np.zeros((1, 1, 8, 8), np.uint8)}  # wrong size: onnxruntime itself fails
-        outcomes = await asyncio.gather(batcher.infer(bad, 1, ["logits"]),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(batcher.infer(bad, 1, ["logits"]), return_exceptions=True)
         good = await batcher.infer({"image": rows(images, 0)}, 1, ["logits"])
         await batcher.close()
         return outcomes[0], good

@@ -23,8 +23,10 @@ def test_environment_then_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("CXR_INFERENCE_METRICS_PORT", "9002")
     monkeypatch.setenv("CXR_INFERENCE_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
     monkeypatch.setenv("CXR_INFERENCE_MODEL_CONTROL", "explicit")
-    settings = settings_from_args(InferenceSettings, parse("--repository", str(tmp_path), "--port", "7001", "--load-model", "a",
-                                            "--load-model", "b", "--no-warmup"))
+    settings = settings_from_args(
+        InferenceSettings,
+        parse("--repository", str(tmp_path), "--port", "7001", "--load-model", "a", "--load-model", "b", "--no-warmup"),
+    )
     assert settings.port == 7001, "a flag overrides the environment"
     assert settings.metrics_port == 9002
     assert settings.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -33,15 +35,49 @@ def test_environment_then_flags(monkeypatch, tmp_path):
 
 
 def test_every_flag_the_readme_tests_and_deploy_files_use_still_parses(tmp_path):
-    args = parse("--repository", str(tmp_path), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-                 "--model-control", "explicit", "--load-model", "a", "--providers", "CPUExecutionProvider",
-                 "--intra-op-threads", "1", "--inter-op-threads", "2", "--graph-optimization", "basic",
-                 "--compute-threads", "3", "--grace-period", "2", "--drain-delay", "0.5", "--spin-wait",
-                 "--no-warmup", "--port-file", str(tmp_path / "ports"), "--log-level", "DEBUG")
+    args = parse(
+        "--repository",
+        str(tmp_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--model-control",
+        "explicit",
+        "--load-model",
+        "a",
+        "--providers",
+        "CPUExecutionProvider",
+        "--intra-op-threads",
+        "1",
+        "--inter-op-threads",
+        "2",
+        "--graph-optimization",
+        "basic",
+        "--compute-threads",
+        "3",
+        "--grace-period",
+        "2",
+        "--drain-delay",
+        "0.5",
+        "--spin-wait",
+        "--no-warmup",
+        "--port-file",
+        str(tmp_path / "ports"),
+        "--log-level",
+        "DEBUG",
+    )
     settings = settings_from_args(InferenceSettings, args)
     assert (settings.port, settings.metrics_port, settings.intra_op_threads, settings.inter_op_threads) == (0, -1, 1, 2)
     assert (settings.graph_optimization, settings.compute_threads, settings.grace_period_s) == ("basic", 3, 2.0)
-    assert (settings.drain_delay_s, settings.spin_wait, settings.warmup, settings.log_level) == (0.5, True, False, "DEBUG")
+    assert (settings.drain_delay_s, settings.spin_wait, settings.warmup, settings.log_level) == (
+        0.5,
+        True,
+        False,
+        "DEBUG",
+    )
     assert args.port_file == str(tmp_path / "ports")
 
 
@@ -53,7 +89,9 @@ def test_every_setting_is_documented():
 
 
 def test_the_cli_and_the_server_import_no_torch_and_the_cli_no_onnxruntime():
-    code = ("import sys, services.inference.cli; heavy = {'onnxruntime', 'torch', 'grpc'} & set(sys.modules); "
-            "assert not heavy, heavy; import services.inference.server; assert 'torch' not in sys.modules; "
-            "assert 'training' not in sys.modules")
+    code = (
+        "import sys, services.inference.cli; heavy = {'onnxruntime', 'torch', 'grpc'} & set(sys.modules); "
+        "assert not heavy, heavy; import services.inference.server; assert 'torch' not in sys.modules; "
+        "assert 'training' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

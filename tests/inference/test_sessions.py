@@ -45,8 +45,14 @@ def test_instance_group_count_sessions_all_answer_alike(toy_repository, count):
     config = repository.read_config(model_dir)
     config.instance_group[0].count = count
     config.parameters["intra_op_thread_count"].string_value = "1"
-    pool = sessions.SessionPool(repository.model_path(model_dir, 1), config, providers=["CPUExecutionProvider"],
-                               intra_op_threads=0, inter_op_threads=0, graph_optimization="all")
+    pool = sessions.SessionPool(
+        repository.model_path(model_dir, 1),
+        config,
+        providers=["CPUExecutionProvider"],
+        intra_op_threads=0,
+        inter_op_threads=0,
+        graph_optimization="all",
+    )
     assert pool.count == count and pool.providers == ["CPUExecutionProvider"]
     pool.warm_up({"image": np.zeros((1, 1, 16, 16), np.uint8)})
     images = toy_model.images(6)
@@ -76,9 +82,14 @@ def test_a_cuda_session_without_a_usable_gpu_falls_back_to_the_cpu_and_says_so(t
     model_dir = toy_repository / "toy"
     config = repository.read_config(model_dir)
     with caplog.at_level(logging.WARNING):
-        pool = sessions.SessionPool(repository.model_path(model_dir, 1), config,
-                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-                                   intra_op_threads=1, inter_op_threads=0, graph_optimization="all")
+        pool = sessions.SessionPool(
+            repository.model_path(model_dir, 1),
+            config,
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            intra_op_threads=1,
+            inter_op_threads=0,
+            graph_optimization="all",
+        )
     assert pool.providers == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider could not be used" in caplog.text
     assert pool.run({"image": np.zeros((1, 1, 16, 16), np.uint8)}, ["logits"])["logits"].shape == (1, 3)

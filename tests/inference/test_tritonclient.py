@@ -26,11 +26,31 @@ CHECKS = sorted(p.name for p in CHECKS_DIR.glob("check_*.py"))
 def test_tritonclient_drives_our_server(module, served_repository, radiographs, tmp_path):
     require(importlib.util.find_spec("tritonclient") is not None, "tritonclient[grpc] is not installed")
     np.save(tmp_path / "radiographs.npy", radiographs)
-    env = {**os.environ, "CXR_TEST_SERVED_REPOSITORY": str(served_repository),
-           "CXR_TEST_RADIOGRAPHS": str(tmp_path / "radiographs.npy")}
-    command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "--confcutdir",
-               str(CHECKS_DIR), "-o", "python_files=check_*.py", "--rootdir", str(ROOT),
-               "--basetemp", str(tmp_path / "child"), str(CHECKS_DIR / module)]
+    env = {
+        **os.environ,
+        "CXR_TEST_SERVED_REPOSITORY": str(served_repository),
+        "CXR_TEST_RADIOGRAPHS": str(tmp_path / "radiographs.npy"),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        "--confcutdir",
+        str(CHECKS_DIR),
+        "-o",
+        "python_files=check_*.py",
+        "--rootdir",
+        str(ROOT),
+        "--basetemp",
+        str(tmp_path / "child"),
+        str(CHECKS_DIR / module),
+    ]
     child = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     print(child.stdout[-20000:])
-    assert child.returncode == 0, f"tritonclient checks in {module} failed:\n{child.stdout[-20000:]}\n{child.stderr[-5000:]}"
+    assert child.returncode == 0, (
+        f"tritonclient checks in {module} failed:\n{child.stdout[-20000:]}\n{child.stderr[-5000:]}"
+    )

@@ -16,16 +16,22 @@ CLASSES = list(D.DEFAULT_CLASSES)
 def test_discovery_of_an_extra_folder_without_every_class(cxr_adult_viral_dir):
     found = D.discover(cxr_adult_viral_dir, CLASSES, dataset="cxr-adult-viral", require_all_classes=False)
     counts = Counter((CLASSES[s.label], s.source_origin) for s in found.samples)
-    assert counts == {("Viral Pneumonia", "bimcv_rdb"): 600, ("Viral Pneumonia", "figure1"): 32,
-                      ("Viral Pneumonia", "actualmed"): 26, ("Normal", "actualmed"): 18, ("Normal", "figure1"): 2}
+    assert counts == {
+        ("Viral Pneumonia", "bimcv_rdb"): 600,
+        ("Viral Pneumonia", "figure1"): 32,
+        ("Viral Pneumonia", "actualmed"): 26,
+        ("Normal", "actualmed"): 18,
+        ("Normal", "figure1"): 2,
+    }
     assert all(s.dataset == "cxr-adult-viral" for s in found.samples)
     assert len({s.patient for s in found.samples if s.source_origin == "figure1"}) < 34  # patients from the manifest
     assert all(not s.patient.startswith("file:") for s in found.samples)
 
 
 def test_split_with_the_adult_viral_folder_is_patient_disjoint_per_origin(cxr_raw_dir, cxr_adult_viral_dir, tmp_path):
-    cfg = TrainConfig(data=str(cxr_raw_dir), extra_data=[str(cxr_adult_viral_dir)], architecture="custom_cnn",
-                      image_size=32)
+    cfg = TrainConfig(
+        data=str(cxr_raw_dir), extra_data=[str(cxr_adult_viral_dir)], architecture="custom_cnn", image_size=32
+    )
     facts: dict = {}
     train_set, val_set = prepare_split(cfg, tmp_path, facts)
     samples, split = D.read_split(tmp_path / D.SPLIT_FILE, CLASSES)

@@ -110,7 +110,9 @@ def test_ties_at_the_threshold_are_answered_together():
 
 
 def test_calibration_round_trips(tmp_path):
-    cal = C.Calibration(temperature=1.3, operating_point={"min_top_probability": 0.7}, input_gate={"raw_threshold": 4.0})
+    cal = C.Calibration(
+        temperature=1.3, operating_point={"min_top_probability": 0.7}, input_gate={"raw_threshold": 4.0}
+    )
     cal.save(tmp_path, {"means": np.zeros((3, 2)), "whitening": np.eye(2), "shrinkage": np.array(0.1)})
     assert C.Calibration.load(tmp_path) == cal
     assert set(C.Calibration.gate_arrays(tmp_path)) == {"means", "whitening", "shrinkage"}

@@ -17,8 +17,28 @@ def test_demo_data_phantoms_train_to_a_labelled_synthetic_model(tmp_path):
     found = discover(data, ["Normal", "Lung_Opacity", "Viral Pneumonia"])
     assert found.synthetic and len(found.samples) == 90 and {s.source_origin for s in found.samples} == {"synthetic"}
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--arch", "custom_cnn", "--out", str(run), "--epochs", "6",
-                 "--image-size", "64", "--batch-size", "16", "--lr", "3e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--arch",
+                "custom_cnn",
+                "--out",
+                str(run),
+                "--epochs",
+                "6",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "16",
+                "--lr",
+                "3e-3",
+            ]
+        )
+        == 0
+    )
     assert "SYNTHETIC DEMO" in (run / "train.log").read_text()
     assert main(["evaluate", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -48,8 +68,20 @@ def test_evaluate_reports_everything_and_compares_runs(trained_repository, capsy
     assert main(["evaluate", *members, "--ensemble", "--table", str(table_path)]) == 0
     for n in ("custom_cnn", "mobilenet", "resnet50"):
         m = json.loads((runs / n / "metrics.json").read_text())
-        for key in ("accuracy", "macro_auc", "macro_precision", "macro_recall", "macro_f1", "confusion_matrix",
-                    "classification_report", "ece_before", "ece_after", "ece_after_cross_fitted", "temperature", "ci95"):
+        for key in (
+            "accuracy",
+            "macro_auc",
+            "macro_precision",
+            "macro_recall",
+            "macro_f1",
+            "confusion_matrix",
+            "classification_report",
+            "ece_before",
+            "ece_after",
+            "ece_after_cross_fitted",
+            "temperature",
+            "ci95",
+        ):
             assert key in m, key
         assert set(m["per_class"]) == {"Normal", "Lung_Opacity", "Viral Pneumonia"}
         assert set(m["per_source"]) == {"nih", "kermany"}
@@ -89,8 +121,26 @@ def test_train_all_architectures_skips_unreadable_files_and_evaluates_the_folder
             shutil.copy(f, data / cls / f.name)
     (data / "Normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "runs"
-    assert main(["train", "--data", str(data), "--arch", "all", "--out", str(out), "--epochs", "1",
-                 "--image-size", "64", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--arch",
+                "all",
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["custom_cnn", "efficientnet_lite0", "mobilenet", "resnet50"]
     for run in out.iterdir():
         assert "Normal/broken.png" in (run / "skipped.csv").read_text()

@@ -31,9 +31,27 @@ def test_every_field_has_its_flag_with_the_field_description(capsys):
 
 
 def test_flags_parse_into_the_config_and_unset_flags_keep_the_defaults(tmp_path):
-    cfg = _parse(["--data", str(tmp_path), "--extra-data", "a,b", "--extra-data", "c", "--classes", "Normal,Viral Pneumonia",
-                  "--label-policy", "drop_contradicted", "--no-hflip", "--fine-tune-layers", "10", "--backbone-lr", "3e-4",
-                  "--gamma", "0.3"])
+    cfg = _parse(
+        [
+            "--data",
+            str(tmp_path),
+            "--extra-data",
+            "a,b",
+            "--extra-data",
+            "c",
+            "--classes",
+            "Normal,Viral Pneumonia",
+            "--label-policy",
+            "drop_contradicted",
+            "--no-hflip",
+            "--fine-tune-layers",
+            "10",
+            "--backbone-lr",
+            "3e-4",
+            "--gamma",
+            "0.3",
+        ]
+    )
     assert cfg.data == str(tmp_path.resolve()) and cfg.extra_data == [str(Path(x).resolve()) for x in "abc"]
     assert cfg.classes == ["Normal", "Viral Pneumonia"] and cfg.label_policy == "drop_contradicted"
     assert cfg.hflip is False and cfg.fine_tune_layers == 10 and cfg.backbone_lr == 3e-4 and cfg.gamma == 0.3

@@ -56,7 +56,11 @@ def test_unreadable_files_are_reported_and_skipped(cxr_raw_dir, tmp_path):
     (tmp_path / "Lung_Opacity" / "text.png").write_bytes(b"not an image at all")
     found = D.discover(tmp_path, ["Normal", "Lung_Opacity"])
     images, skipped = D.load_images(tmp_path, found.samples, 64)
-    assert sorted(s.file for s in skipped) == ["Lung_Opacity/empty.jpg", "Lung_Opacity/text.png", "Normal/truncated.png"]
+    assert sorted(s.file for s in skipped) == [
+        "Lung_Opacity/empty.jpg",
+        "Lung_Opacity/text.png",
+        "Normal/truncated.png",
+    ]
     assert all(s.reason for s in skipped)
     assert images.images.shape == (3, 64, 64) and images.labels.tolist() == [0, 0, 1]
 
@@ -105,7 +109,9 @@ def test_split_manifest_round_trip(tmp_path):
 @pytest.mark.parametrize("size", [64, 224])
 def test_training_eval_preprocessing_is_the_serving_reader(cxr_raw_dir, dicom_dir, tmp_path, size):
     """The design's rule: what a model saw in training is exactly what the gateway sends (cxr.imaging.load_for_model)."""
-    files = _some_files(cxr_raw_dir, "Lung_Opacity", 2) + _some_files(cxr_raw_dir, "Viral Pneumonia", 2)  # 256 and 224 px
+    files = _some_files(cxr_raw_dir, "Lung_Opacity", 2) + _some_files(
+        cxr_raw_dir, "Viral Pneumonia", 2
+    )  # 256 and 224 px
     (tmp_path / "Normal").mkdir()
     for f in files:
         shutil.copy(f, tmp_path / "Normal" / f.name)

@@ -41,7 +41,9 @@ def test_imagenet_weights_are_the_package_file_with_zero_missing_or_unexpected_k
         if not key.startswith("_fc."):
             assert torch.equal(own[key], value), key
     scratch = build_model("efficientnet_lite0", 3, "none").backbone.state_dict()
-    assert not torch.equal(scratch["_blocks.10._depthwise_conv.weight"], package_state["_blocks.10._depthwise_conv.weight"])
+    assert not torch.equal(
+        scratch["_blocks.10._depthwise_conv.weight"], package_state["_blocks.10._depthwise_conv.weight"]
+    )
     assert sum(p.numel() for p in model.backbone.parameters()) + 1281 * 1000 == pytest.approx(4.65e6, rel=0.01)
 
 
@@ -79,9 +81,19 @@ def test_a_wrong_file_is_refused(tmp_path, package_state):
 
 def test_transfer_learning_run_keeps_the_frozen_blocks_and_exports(cxr_raw_dir, package_state, tmp_path):
     run = tmp_path / "run"
-    cfg = TrainConfig(data=str(cxr_raw_dir), architecture="efficientnet_lite0", weights="imagenet", image_size=64,
-                      epochs=2, frozen_epochs=1, fine_tune_layers=4, cache_views=1, max_per_class=12, batch_size=8,
-                      threads=2)
+    cfg = TrainConfig(
+        data=str(cxr_raw_dir),
+        architecture="efficientnet_lite0",
+        weights="imagenet",
+        image_size=64,
+        epochs=2,
+        frozen_epochs=1,
+        fine_tune_layers=4,
+        cache_views=1,
+        max_per_class=12,
+        batch_size=8,
+        threads=2,
+    )
     train(cfg, run, resume=False)
     log = (run / "train.log").read_text()
     assert "efficientnet-lite0-57934424.pth" in log and E.sha256_of(E.package_weights_file()) in log
@@ -89,16 +101,26 @@ def test_transfer_learning_run_keeps_the_frozen_blocks_and_exports(cxr_raw_dir, 
     assert json.loads((run / "pretrained.json").read_text())["missing_keys"] == []
     # the weights after the last epoch (best.pt may hold the frozen first epoch's, when it validated best)
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
-    trained = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    for key in ("_conv_stem.weight", "_blocks.0._depthwise_conv.weight", "_blocks.9._project_conv.weight",
-                "_blocks.9._bn2.running_var"):
+    trained = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    for key in (
+        "_conv_stem.weight",
+        "_blocks.0._depthwise_conv.weight",
+        "_blocks.9._project_conv.weight",
+        "_blocks.9._bn2.running_var",
+    ):
         assert torch.equal(trained[key], package_state[key]), f"{key} is below the top 4 blocks: frozen"
     assert not torch.equal(trained["_conv_head.weight"], package_state["_conv_head.weight"])  # the top trained
     assert not torch.equal(trained["_blocks.15._project_conv.weight"], package_state["_blocks.15._project_conv.weight"])
     version = export_run(run, tmp_path / "repo")
     card = repository.read_model_card(version)
-    assert card["architecture"] == "efficientnet_lite0" and card["pretrained"]["sha256"] == E.sha256_of(E.package_weights_file())
-    assert card["onnx"]["parity"]["max_abs_diff"]["probabilities"] < 1e-4 and card["onnx"]["parity"]["cam_shape"] == [3, 2, 2]
+    assert card["architecture"] == "efficientnet_lite0" and card["pretrained"]["sha256"] == E.sha256_of(
+        E.package_weights_file()
+    )
+    assert card["onnx"]["parity"]["max_abs_diff"]["probabilities"] < 1e-4 and card["onnx"]["parity"]["cam_shape"] == [
+        3,
+        2,
+        2,
+    ]
     assert any("Lung_Opacity was learnt from adults only" in c for c in card["caveats"])
     session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
     image = load_for_model(sorted((cxr_raw_dir / "Normal").glob("*.png"))[0], 64)[None, None]

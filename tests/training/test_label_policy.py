@@ -75,7 +75,9 @@ def test_drop_contradicted_without_radiologist_labels_is_a_clear_error(tmp_path,
         (tmp_path / "d" / cls).mkdir(parents=True)
         for f in sorted((cxr_raw_dir / cls).glob("*.png"))[:4]:
             shutil.copy(f, tmp_path / "d" / cls / f.name)
-    cfg = TrainConfig(data=str(tmp_path / "d"), architecture="custom_cnn", image_size=32, label_policy="drop_contradicted")
+    cfg = TrainConfig(
+        data=str(tmp_path / "d"), architecture="custom_cnn", image_size=32, label_policy="drop_contradicted"
+    )
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match="radiologist"):
         prepare_split(cfg, tmp_path / "run")
@@ -95,8 +97,9 @@ def test_evaluation_on_the_whole_split_and_the_consistent_subset_per_source():
     assert sub["n"] == n - contradicted.sum() and sub["excluded"] == contradicted.sum()
     assert sub["accuracy"] > metrics["accuracy"] and sub["macro_auc"] > metrics["macro_auc"]
     keep = ~contradicted
-    alone = evaluate_predictions(labels[keep], logits[keep], classes, np.array(sources)[keep].tolist(),
-                                 temperature=metrics["temperature"])  # the same temperature as the whole split
+    alone = evaluate_predictions(
+        labels[keep], logits[keep], classes, np.array(sources)[keep].tolist(), temperature=metrics["temperature"]
+    )  # the same temperature as the whole split
     for key in ("accuracy", "macro_auc", "macro_f1", "ece_after"):
         assert sub[key] == pytest.approx(alone[key])
     for block in (metrics, sub):
@@ -104,7 +107,13 @@ def test_evaluation_on_the_whole_split_and_the_consistent_subset_per_source():
         for source, m in block["per_source"].items():
             mask = (np.array(sources) == source) & (keep if block is sub else True)
             assert m["n"] == mask.sum()
-            assert {"accuracy", "accuracy_ci95", "auc_among_its_classes", "per_class_recall", "predicted",
-                    "ece_after"} <= set(m)
+            assert {
+                "accuracy",
+                "accuracy_ci95",
+                "auc_among_its_classes",
+                "per_class_recall",
+                "predicted",
+                "ece_after",
+            } <= set(m)
         assert block["per_source"]["nih"]["classes"] == ["Normal", "Lung_Opacity"]
     json.dumps(metrics)  # metrics.json can hold it

@@ -27,7 +27,9 @@ def test_normalisation_is_rescale_replicate_imagenet():
     model = build_model("custom_cnn", 3)
     x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
     out = model.normalize(x)
-    expected = torch.stack([(torch.tensor([0.0, 1.0]) - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 2)
+    expected = torch.stack([(torch.tensor([0.0, 1.0]) - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(
+        1, 3, 1, 2
+    )
     torch.testing.assert_close(out, expected)
 
 

@@ -89,14 +89,17 @@ def test_graph_contract_on_real_images(trained_repository, cxr_raw_dir, name):
 
 def test_ensemble_is_the_mean_of_its_members(trained_repository, cxr_raw_dir):
     images = _val_images(cxr_raw_dir)
-    outs = [_session(trained_repository, n, 1).run(None, {"image": images}) for n in ("custom_cnn", "mobilenet", "resnet50")]
+    outs = [
+        _session(trained_repository, n, 1).run(None, {"image": images}) for n in ("custom_cnn", "mobilenet", "resnet50")
+    ]
     ensemble = _session(trained_repository, "ensemble", 1).run(None, {"image": images})
     for i in range(3):  # probabilities, logits, cam
         np.testing.assert_allclose(ensemble[i], np.mean([o[i] for o in outs], axis=0), atol=1e-5)
     card = repository.read_model_card(trained_repository / "ensemble" / "1")
     # ood_score: the largest member score over the ensemble's own threshold (fitted on the same validation split)
-    np.testing.assert_allclose(ensemble[3], np.max([o[3] for o in outs], axis=0) / card["input_gate"]["raw_threshold"],
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        ensemble[3], np.max([o[3] for o in outs], axis=0) / card["input_gate"]["raw_threshold"], rtol=1e-4
+    )
     assert [m["architecture"] for m in card["members"]] == ["custom_cnn", "mobilenet", "resnet50"]
 
 
@@ -114,7 +117,9 @@ def test_export_refuses_a_version_with_another_input_size(trained_repository, cx
     repo = tmp_path / "repo"
     shutil.copytree(trained_repository / "custom_cnn", repo / "custom_cnn")
     run_dir = tmp_path / "run96"
-    train(TrainConfig(data=str(cxr_raw_dir), architecture="custom_cnn", image_size=96, epochs=1, max_per_class=8), run_dir)
+    train(
+        TrainConfig(data=str(cxr_raw_dir), architecture="custom_cnn", image_size=96, epochs=1, max_per_class=8), run_dir
+    )
     with pytest.raises(ExportError, match="cxr evaluate"):  # export evaluates nothing itself
         export_run(run_dir, repo)
     evaluate_run(run_dir, plots=False)
@@ -126,7 +131,10 @@ def test_export_refuses_a_version_with_another_input_size(trained_repository, cx
 
 def test_mobilenet_v2_short_run_exports_with_parity(cxr_raw_dir, tmp_path):
     run_dir = tmp_path / "mnv2"
-    train(TrainConfig(data=str(cxr_raw_dir), architecture="mobilenet_v2", image_size=64, epochs=1, max_per_class=10), run_dir)
+    train(
+        TrainConfig(data=str(cxr_raw_dir), architecture="mobilenet_v2", image_size=64, epochs=1, max_per_class=10),
+        run_dir,
+    )
     evaluate_run(run_dir, plots=False)
     version_dir = export_run(run_dir, tmp_path / "repo")
     card = repository.read_model_card(version_dir)
@@ -135,8 +143,15 @@ def test_mobilenet_v2_short_run_exports_with_parity(cxr_raw_dir, tmp_path):
 
 def test_resume_continues_exactly_where_it_stopped(cxr_raw_dir, tmp_path):
     def cfg():
-        return TrainConfig(data=str(cxr_raw_dir), architecture="custom_cnn", image_size=64, epochs=2, max_per_class=12,
-                           batch_size=8, threads=1)
+        return TrainConfig(
+            data=str(cxr_raw_dir),
+            architecture="custom_cnn",
+            image_size=64,
+            epochs=2,
+            max_per_class=12,
+            batch_size=8,
+            threads=1,
+        )
 
     train(cfg(), tmp_path / "straight")
     train(cfg(), tmp_path / "interrupted", stop_after=1)
@@ -161,8 +176,17 @@ def test_transfer_learning_from_a_weights_file_freezes_then_fine_tunes_the_top(c
     torch.save(source, tmp_path / "backbone.pt")
 
     def cfg(epochs):
-        return TrainConfig(data=str(cxr_raw_dir), architecture="mobilenet", image_size=64, epochs=epochs, max_per_class=8,
-                           weights=str(tmp_path / "backbone.pt"), frozen_epochs=1, fine_tune_layers=1, ema_decay=0)
+        return TrainConfig(
+            data=str(cxr_raw_dir),
+            architecture="mobilenet",
+            image_size=64,
+            epochs=epochs,
+            max_per_class=8,
+            weights=str(tmp_path / "backbone.pt"),
+            frozen_epochs=1,
+            fine_tune_layers=1,
+            ema_decay=0,
+        )
 
     run = tmp_path / "run"
     train(cfg(1), run)

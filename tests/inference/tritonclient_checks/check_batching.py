@@ -26,8 +26,9 @@ def batching_server(served_repository, tmp_path_factory):
     shutil.copytree(served_repository, repo)
     config_path = repo / "resnet50" / "config.pbtxt"
     config = config_path.read_text()
-    config = config.replace("max_queue_delay_microseconds: 500",
-                            f"max_queue_delay_microseconds: {int(QUEUE_DELAY_S * 1e6)}")
+    config = config.replace(
+        "max_queue_delay_microseconds: 500", f"max_queue_delay_microseconds: {int(QUEUE_DELAY_S * 1e6)}"
+    )
     config = config.replace("max_queue_size: 256", "max_queue_size: 3\n    allow_timeout_override: true")
     config_path.write_text(config)
     handle = start_server(repo, tmp_path_factory.mktemp("server"), "--model-control", "explicit", "--load-model", "*")
@@ -54,6 +55,7 @@ class Answers:
         def store(result, error):
             with self.lock:
                 self.items[key] = error if error is not None else result
+
         return store
 
     def wait(self, count, timeout=30):
@@ -123,7 +125,7 @@ def test_a_cancelled_request_is_not_computed_and_its_batch_mates_are_answered(cl
 def test_a_full_queue_answers_resource_exhausted_at_once(client, radiographs):
     answers = Answers()
     for i in range(3):  # max_queue_size 3: these fill the queue for a second
-        client.async_infer("resnet50", [image_input(radiographs[i:i + 1])], answers.callback(f"q{i}"))
+        client.async_infer("resnet50", [image_input(radiographs[i : i + 1])], answers.callback(f"q{i}"))
     time.sleep(0.2)
     start = time.monotonic()
     with pytest.raises(InferenceServerException) as error:

@@ -22,8 +22,9 @@ from inference.tritonclient_checks.check_protocol import MODELS, read_labels, sh
 from inference.tritonclient_checks.triton_helpers import image_input as grpc_image_input
 
 
-def http_input(images: np.ndarray, binary: bool = True, name: str = "image", datatype: str = "UINT8",
-               module=triton) -> triton.InferInput:
+def http_input(
+    images: np.ndarray, binary: bool = True, name: str = "image", datatype: str = "UINT8", module=triton
+) -> triton.InferInput:
     tensor = module.InferInput(name, list(images.shape), datatype)
     tensor.set_data_from_numpy(images, binary_data=binary)
     return tensor
@@ -69,8 +70,12 @@ def test_model_metadata_and_config(client, served_repository):
     assert metadata["platform"] == "onnxruntime_onnx" and sorted(metadata["versions"]) == ["1", "2"]
     assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 1, 64, 64]}]
     outputs = {o["name"]: (o["datatype"], o["shape"]) for o in metadata["outputs"]}
-    assert outputs == {"probabilities": ("FP32", [-1, 3]), "logits": ("FP32", [-1, 3]), "cam": ("FP32", [-1, 3, 2, 2]),
-                       "ood_score": ("FP32", [-1, 1])}
+    assert outputs == {
+        "probabilities": ("FP32", [-1, 3]),
+        "logits": ("FP32", [-1, 3]),
+        "cam": ("FP32", [-1, 3, 2, 2]),
+        "ood_score": ("FP32", [-1, 1]),
+    }
     assert client.get_model_metadata("custom_cnn", "1")["name"] == "custom_cnn"
 
     config = client.get_model_config("custom_cnn")
@@ -78,7 +83,9 @@ def test_model_metadata_and_config(client, served_repository):
     assert config["input"][0]["dims"] == [1, 64, 64] and config["input"][0]["data_type"] == "TYPE_UINT8"
     assert "all" in config["version_policy"]
     assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
-    assert config["parameters"]["cxr.classes"]["string_value"].split(",") == read_labels(served_repository / "custom_cnn")
+    assert config["parameters"]["cxr.classes"]["string_value"].split(",") == read_labels(
+        served_repository / "custom_cnn"
+    )
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -100,10 +107,15 @@ def test_default_outputs_are_binary_and_compression_works(client, radiographs):
     plain = client.infer("custom_cnn", [http_input(radiographs)])  # no outputs named: binary_data_output
     assert all("binary_data_size" in o["parameters"] for o in plain.get_response()["outputs"])
     for algorithm in ("gzip", "deflate"):
-        squeezed = client.infer("custom_cnn", [http_input(radiographs)], request_compression_algorithm=algorithm,
-                                response_compression_algorithm=algorithm)
-        np.testing.assert_allclose(squeezed.as_numpy("probabilities"), plain.as_numpy("probabilities"),
-                                   rtol=1e-5, atol=1e-6)
+        squeezed = client.infer(
+            "custom_cnn",
+            [http_input(radiographs)],
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
+        np.testing.assert_allclose(
+            squeezed.as_numpy("probabilities"), plain.as_numpy("probabilities"), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_version_selection(client, radiographs):
@@ -119,8 +131,9 @@ def test_version_selection(client, radiographs):
 
 def test_classification_extension(client, radiographs, served_repository):
     labels = read_labels(served_repository / "resnet50")
-    result = client.infer("resnet50", [http_input(radiographs)],
-                          outputs=[triton.InferRequestedOutput("probabilities", class_count=2)])
+    result = client.infer(
+        "resnet50", [http_input(radiographs)], outputs=[triton.InferRequestedOutput("probabilities", class_count=2)]
+    )
     top = result.as_numpy("probabilities")
     assert top.shape == (6, 2)
     probabilities = client.infer("resnet50", [http_input(radiographs)]).as_numpy("probabilities")
@@ -161,25 +174,44 @@ def test_repository_index_unload_and_load(client, radiographs):
 
 def test_errors_have_tritons_http_status(client, radiographs):
     expect_http_error(404, lambda: client.infer("no_such_model", [http_input(radiographs[:1])]), "no_such_model")
-    expect_http_error(404, lambda: client.infer("custom_cnn", [http_input(radiographs[:1])], model_version="9"),
-                      "no version 9")
+    expect_http_error(
+        404, lambda: client.infer("custom_cnn", [http_input(radiographs[:1])], model_version="9"), "no version 9"
+    )
     expect_http_error(404, lambda: client.get_model_metadata("no_such_model"))
     expect_http_error(404, lambda: client.get_model_config("custom_cnn", "9"))
     expect_http_error(404, lambda: client.get_inference_statistics("no_such_model"))
     floats = radiographs[:1].astype(np.float32)
     for binary in (True, False):
-        expect_http_error(400, lambda b=binary: client.infer("custom_cnn", [http_input(floats, b, datatype="FP32")]),
-                          "expected datatype UINT8, received FP32")
-    expect_http_error(400, lambda: client.infer("custom_cnn", [http_input(np.zeros((1, 1, 32, 32), np.uint8))]),
-                      "expected shape [-1,1,64,64]", "received [1,1,32,32]")
-    expect_http_error(400, lambda: client.infer("custom_cnn", [http_input(np.zeros((33, 1, 64, 64), np.uint8))]),
-                      "1..32", "received 33")
-    expect_http_error(400, lambda: client.infer("custom_cnn", [http_input(radiographs[:1], name="img")]),
-                      "no input 'img'")
-    expect_http_error(400, lambda: client.infer("custom_cnn", [http_input(radiographs[:1])],
-                                                outputs=[triton.InferRequestedOutput("heatmap")]), "no output 'heatmap'")
-    expect_http_error(400, lambda: client.infer("custom_cnn", [http_input(radiographs[:1])], timeout=-5),
-                      "timeout parameter")
+        expect_http_error(
+            400,
+            lambda b=binary: client.infer("custom_cnn", [http_input(floats, b, datatype="FP32")]),
+            "expected datatype UINT8, received FP32",
+        )
+    expect_http_error(
+        400,
+        lambda: client.infer("custom_cnn", [http_input(np.zeros((1, 1, 32, 32), np.uint8))]),
+        "expected shape [-1,1,64,64]",
+        "received [1,1,32,32]",
+    )
+    expect_http_error(
+        400,
+        lambda: client.infer("custom_cnn", [http_input(np.zeros((33, 1, 64, 64), np.uint8))]),
+        "1..32",
+        "received 33",
+    )
+    expect_http_error(
+        400, lambda: client.infer("custom_cnn", [http_input(radiographs[:1], name="img")]), "no input 'img'"
+    )
+    expect_http_error(
+        400,
+        lambda: client.infer(
+            "custom_cnn", [http_input(radiographs[:1])], outputs=[triton.InferRequestedOutput("heatmap")]
+        ),
+        "no output 'heatmap'",
+    )
+    expect_http_error(
+        400, lambda: client.infer("custom_cnn", [http_input(radiographs[:1])], timeout=-5), "timeout parameter"
+    )
     assert client.is_server_ready(), "bad requests must not hurt the server"
 
 
@@ -190,9 +222,16 @@ def test_aio_client(server, radiographs, grpc_client):
             assert await c.is_server_live() and await c.is_server_ready()
             assert await c.is_model_ready("ensemble")
             assert (await c.get_model_metadata("ensemble"))["name"] == "ensemble"
-            answers = await asyncio.gather(*[
-                c.infer("ensemble", [http_input(radiographs[i:i + 1], binary=i % 2 == 0, module=triton_aio)],
-                        request_id=f"aio-{i}") for i in range(6)])
+            answers = await asyncio.gather(
+                *[
+                    c.infer(
+                        "ensemble",
+                        [http_input(radiographs[i : i + 1], binary=i % 2 == 0, module=triton_aio)],
+                        request_id=f"aio-{i}",
+                    )
+                    for i in range(6)
+                ]
+            )
             with pytest.raises(InferenceServerException) as error:
                 await c.infer("no_such_model", [http_input(radiographs[:1], module=triton_aio)])
             assert error.value.status() == "404"
@@ -215,13 +254,16 @@ def test_sigterm_drains_http_requests_as_grpc_ones(own_repository, radiographs, 
     from inference.server_process import start_server
 
     config_path = own_repository / "mobilenet" / "config.pbtxt"
-    config_path.write_text(config_path.read_text().replace("max_queue_delay_microseconds: 500",
-                                                           "max_queue_delay_microseconds: 2000000"))
+    config_path.write_text(
+        config_path.read_text().replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 2000000")
+    )
     server = start_server(own_repository, tmp_path / "server", "--grace-period", "20")
     client = triton.InferenceServerClient(f"127.0.0.1:{server.http_port}", concurrency=4, network_timeout=60)
     try:
-        queued = [client.async_infer("mobilenet", [http_input(radiographs[2 * i:2 * i + 2])], request_id=f"h{i}")
-                  for i in range(3)]
+        queued = [
+            client.async_infer("mobilenet", [http_input(radiographs[2 * i : 2 * i + 2])], request_id=f"h{i}")
+            for i in range(3)
+        ]
         time.sleep(0.3)
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -246,16 +288,20 @@ def test_one_queue_for_both_transports(batching_server, radiographs):  # noqa: F
 
     http_client = triton.InferenceServerClient(f"127.0.0.1:{batching_server.http_port}", network_timeout=60)
     try:
-        expect_http_error(503, lambda: http_client.infer("resnet50", [http_input(radiographs[:1])], timeout=200_000),
-                          "not computed")
+        expect_http_error(
+            503, lambda: http_client.infer("resnet50", [http_input(radiographs[:1])], timeout=200_000), "not computed"
+        )
         with triton_grpc.InferenceServerClient(batching_server.address) as grpc_client:
             answers = Answers()
             for i in range(3):
-                grpc_client.async_infer("resnet50", [grpc_image_input(radiographs[i:i + 1])], answers.callback(f"q{i}"))
+                grpc_client.async_infer(
+                    "resnet50", [grpc_image_input(radiographs[i : i + 1])], answers.callback(f"q{i}")
+                )
             time.sleep(0.2)
             start = time.monotonic()
-            expect_http_error(503, lambda: http_client.infer("resnet50", [http_input(radiographs[3:4])]),
-                              "max_queue_size")
+            expect_http_error(
+                503, lambda: http_client.infer("resnet50", [http_input(radiographs[3:4])]), "max_queue_size"
+            )
             assert time.monotonic() - start < QUEUE_DELAY_S / 2
             got = answers.wait(3)
             assert len(got) == 3 and all(not isinstance(r, Exception) for r in got.values()), got

@@ -65,8 +65,12 @@ def test_model_metadata_and_config_describe_the_exported_graph(client, served_re
     (image,) = metadata.inputs
     assert (image.name, image.datatype, list(image.shape)) == ("image", "UINT8", [-1, 1, 64, 64])
     outputs = {o.name: (o.datatype, list(o.shape)) for o in metadata.outputs}
-    assert outputs == {"probabilities": ("FP32", [-1, 3]), "logits": ("FP32", [-1, 3]), "cam": ("FP32", [-1, 3, 2, 2]),
-                       "ood_score": ("FP32", [-1, 1])}
+    assert outputs == {
+        "probabilities": ("FP32", [-1, 3]),
+        "logits": ("FP32", [-1, 3]),
+        "cam": ("FP32", [-1, 3, 2, 2]),
+        "ood_score": ("FP32", [-1, 1]),
+    }
 
     config = client.get_model_config("custom_cnn").config  # decoded with tritonclient's full ModelConfig
     assert config.name == "custom_cnn" and config.max_batch_size == 32
@@ -77,8 +81,12 @@ def test_model_metadata_and_config_describe_the_exported_graph(client, served_re
 
 
 def test_infer_with_raw_contents_on_real_radiographs(client, radiographs, served_repository):
-    result = client.infer("mobilenet", [image_input(radiographs)], request_id="req-17",
-                          outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS])
+    result = client.infer(
+        "mobilenet",
+        [image_input(radiographs)],
+        request_id="req-17",
+        outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS],
+    )
     response = result.get_response()
     assert response.id == "req-17"
     assert response.model_name == "mobilenet" and response.model_version == "1"
@@ -122,9 +130,11 @@ def test_version_selection(client, radiographs):
 
 def test_classification_extension(client, radiographs, served_repository):
     labels = read_labels(served_repository / "resnet50")
-    result = client.infer("resnet50", [image_input(radiographs)],
-                          outputs=[triton.InferRequestedOutput("probabilities", class_count=2),
-                                   triton.InferRequestedOutput("logits")])
+    result = client.infer(
+        "resnet50",
+        [image_input(radiographs)],
+        outputs=[triton.InferRequestedOutput("probabilities", class_count=2), triton.InferRequestedOutput("logits")],
+    )
     top = result.as_numpy("probabilities")
     assert top.shape == (6, 2) and result.as_numpy("logits").shape == (6, 3)
     probabilities = client.infer("resnet50", [image_input(radiographs)]).as_numpy("probabilities")
@@ -142,8 +152,10 @@ def test_the_ensemble_is_served_and_averages_its_members(client, radiographs, se
     result = client.infer("ensemble", [image_input(radiographs)])
     ensemble = result.as_numpy("probabilities")
     np.testing.assert_allclose(ensemble.sum(axis=1), 1.0, rtol=1e-5)
-    members = [client.infer(m, [image_input(radiographs)], model_version="1").as_numpy("probabilities")
-               for m in ("custom_cnn", "mobilenet", "resnet50")]
+    members = [
+        client.infer(m, [image_input(radiographs)], model_version="1").as_numpy("probabilities")
+        for m in ("custom_cnn", "mobilenet", "resnet50")
+    ]
     assert "members" in card
     np.testing.assert_allclose(ensemble, np.mean(members, axis=0), rtol=1e-4, atol=1e-5)
 
@@ -153,9 +165,10 @@ def test_stream_infer_answers_every_request_with_its_id(client, radiographs):
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
     try:
         for i in range(5):
-            client.async_stream_infer("custom_cnn", [image_input(radiographs[i:i + 1])], request_id=f"s{i}")
-        client.async_stream_infer("custom_cnn", [image_input(radiographs[:1].astype(np.float32), datatype="FP32")],
-                                  request_id="bad")
+            client.async_stream_infer("custom_cnn", [image_input(radiographs[i : i + 1])], request_id=f"s{i}")
+        client.async_stream_infer(
+            "custom_cnn", [image_input(radiographs[:1].astype(np.float32), datatype="FP32")], request_id="bad"
+        )
         client.async_stream_infer("custom_cnn", [image_input(radiographs[5:6])], request_id="s5")
         got = [answers.get(timeout=30) for _ in range(7)]
     finally:
@@ -184,36 +197,66 @@ def test_statistics_count_what_was_served(client, radiographs):
 def test_repository_index_lists_every_model_and_version(client):
     index = client.get_model_repository_index()
     rows = {(m.name, m.version): m.state for m in index.models}
-    assert rows == {("custom_cnn", "1"): "READY", ("custom_cnn", "2"): "READY", ("ensemble", "1"): "READY",
-                    ("mobilenet", "1"): "READY", ("resnet50", "1"): "READY"}
+    assert rows == {
+        ("custom_cnn", "1"): "READY",
+        ("custom_cnn", "2"): "READY",
+        ("ensemble", "1"): "READY",
+        ("mobilenet", "1"): "READY",
+        ("resnet50", "1"): "READY",
+    }
 
 
 # ---- errors: the right status, a message naming expected and received values, and the server stays up ----------
 
+
 def test_unknown_model_or_version_is_not_found(client, radiographs):
-    expect_error("NOT_FOUND", lambda: client.infer("no_such_model", [image_input(radiographs[:1])]),
-                 "no_such_model", "custom_cnn")
-    expect_error("NOT_FOUND", lambda: client.infer("custom_cnn", [image_input(radiographs[:1])], model_version="9"),
-                 "no version 9", "[1, 2]")
+    expect_error(
+        "NOT_FOUND",
+        lambda: client.infer("no_such_model", [image_input(radiographs[:1])]),
+        "no_such_model",
+        "custom_cnn",
+    )
+    expect_error(
+        "NOT_FOUND",
+        lambda: client.infer("custom_cnn", [image_input(radiographs[:1])], model_version="9"),
+        "no version 9",
+        "[1, 2]",
+    )
     expect_error("NOT_FOUND", lambda: client.get_model_metadata("no_such_model"))
     expect_error("NOT_FOUND", lambda: client.get_model_config("custom_cnn", "9"))
 
 
 def test_wrong_datatype_shape_and_byte_count_are_invalid_argument(client, stub, radiographs):
     floats = radiographs[:1].astype(np.float32)
-    expect_error("INVALID_ARGUMENT", lambda: client.infer("custom_cnn", [image_input(floats, datatype="FP32")]),
-                 "expected datatype UINT8, received FP32")
+    expect_error(
+        "INVALID_ARGUMENT",
+        lambda: client.infer("custom_cnn", [image_input(floats, datatype="FP32")]),
+        "expected datatype UINT8, received FP32",
+    )
     small = np.zeros((1, 1, 32, 32), np.uint8)
-    expect_error("INVALID_ARGUMENT", lambda: client.infer("custom_cnn", [image_input(small)]),
-                 "expected shape [-1,1,64,64]", "received [1,1,32,32]")
+    expect_error(
+        "INVALID_ARGUMENT",
+        lambda: client.infer("custom_cnn", [image_input(small)]),
+        "expected shape [-1,1,64,64]",
+        "received [1,1,32,32]",
+    )
     too_many = np.zeros((33, 1, 64, 64), np.uint8)
-    expect_error("INVALID_ARGUMENT", lambda: client.infer("custom_cnn", [image_input(too_many)]),
-                 "1..32", "received 33")
-    expect_error("INVALID_ARGUMENT", lambda: client.infer("custom_cnn", [image_input(radiographs[:1], name="img")]),
-                 "no input 'img'", "image")
-    expect_error("INVALID_ARGUMENT", lambda: client.infer("custom_cnn", [image_input(radiographs[:1])],
-                                                          outputs=[triton.InferRequestedOutput("heatmap")]),
-                 "no output 'heatmap'")
+    expect_error(
+        "INVALID_ARGUMENT", lambda: client.infer("custom_cnn", [image_input(too_many)]), "1..32", "received 33"
+    )
+    expect_error(
+        "INVALID_ARGUMENT",
+        lambda: client.infer("custom_cnn", [image_input(radiographs[:1], name="img")]),
+        "no input 'img'",
+        "image",
+    )
+    expect_error(
+        "INVALID_ARGUMENT",
+        lambda: client.infer(
+            "custom_cnn", [image_input(radiographs[:1])], outputs=[triton.InferRequestedOutput("heatmap")]
+        ),
+        "no output 'heatmap'",
+    )
 
     request = service_pb2.ModelInferRequest(model_name="custom_cnn")
     request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 64, 64])
@@ -237,8 +280,11 @@ def test_health_and_reflection(server):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                      timeout=10))
+        answer = next(
+            reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
         names = {s.name for s in answer.list_services_response.service}
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
 
@@ -248,14 +294,21 @@ def test_metrics_are_labelled_by_model_and_version(server, client, radiographs):
     with pytest.raises(InferenceServerException):
         client.infer("mobilenet", [image_input(radiographs[:1].astype(np.float32), datatype="FP32")])
     text = server.metrics_text()
-    for family in ("cxr_inference_request_duration_seconds_bucket", "cxr_inference_queue_duration_seconds_bucket",
-                   "cxr_inference_compute_duration_seconds_bucket", "cxr_inference_batch_size_bucket"):
-        assert f'{family}{{le="+Inf",model="mobilenet",version="1"}}' in text or \
-            any(line.startswith(family) and 'model="mobilenet"' in line and 'version="1"' in line
-                for line in text.splitlines()), family
+    for family in (
+        "cxr_inference_request_duration_seconds_bucket",
+        "cxr_inference_queue_duration_seconds_bucket",
+        "cxr_inference_compute_duration_seconds_bucket",
+        "cxr_inference_batch_size_bucket",
+    ):
+        assert f'{family}{{le="+Inf",model="mobilenet",version="1"}}' in text or any(
+            line.startswith(family) and 'model="mobilenet"' in line and 'version="1"' in line
+            for line in text.splitlines()
+        ), family
     assert _sample(text, 'cxr_inference_request_success_total{model="mobilenet",version="1"}') >= 1
-    assert _sample(text, 'cxr_inference_request_failure_total{model="mobilenet",reason="invalid_argument",'
-                         'version="1"}') >= 1
+    assert (
+        _sample(text, 'cxr_inference_request_failure_total{model="mobilenet",reason="invalid_argument",version="1"}')
+        >= 1
+    )
     assert 'cxr_inference_pending_requests{model="mobilenet",version="1"} 0.0' in text
 
 
@@ -272,8 +325,15 @@ def test_message_size_limit_from_the_environment(served_repository, radiographs,
     from inference.server_process import start_server
 
     limit = 100_000
-    server = start_server(served_repository, tmp_path / "server", "--model-control", "explicit",
-                          "--load-model", "custom_cnn", env={"CXR_INFERENCE_MAX_MESSAGE_BYTES": str(limit)})
+    server = start_server(
+        served_repository,
+        tmp_path / "server",
+        "--model-control",
+        "explicit",
+        "--load-model",
+        "custom_cnn",
+        env={"CXR_INFERENCE_MAX_MESSAGE_BYTES": str(limit)},
+    )
     try:
         with triton.InferenceServerClient(server.address) as client:
             big = np.resize(radiographs, (32, 1, 64, 64))  # 131 072 bytes of pixels

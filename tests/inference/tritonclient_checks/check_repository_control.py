@@ -23,7 +23,8 @@ def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_r
     shutil.copytree(own_repository / "mobilenet", own_repository / "wrong_dims")
     config = (own_repository / "wrong_dims" / "config.pbtxt").read_text()
     (own_repository / "wrong_dims" / "config.pbtxt").write_text(
-        config.replace('name: "mobilenet"', 'name: "wrong_dims"').replace("dims: 64", "dims: 32"))
+        config.replace('name: "mobilenet"', 'name: "wrong_dims"').replace("dims: 64", "dims: 32")
+    )
     shutil.copytree(own_repository / "resnet50", own_repository / "truncated")
     config = (own_repository / "truncated" / "config.pbtxt").read_text()
     (own_repository / "truncated" / "config.pbtxt").write_text(config.replace('name: "resnet50"', 'name: "truncated"'))
@@ -34,8 +35,9 @@ def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_r
     config_path = own_repository / "custom_cnn" / "config.pbtxt"
     config = config_path.read_text()
     assert "version_policy {\n  all {\n  }\n}" in config
-    config_path.write_text(config.replace("version_policy {\n  all {\n  }\n}",
-                                          "version_policy { specific { versions: [1, 5] } }"))
+    config_path.write_text(
+        config.replace("version_policy {\n  all {\n  }\n}", "version_policy { specific { versions: [1, 5] } }")
+    )
 
     server = start_server(own_repository, tmp_path / "server")  # model control none: load everything at start
     try:
@@ -56,10 +58,17 @@ def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_r
             assert rows[("mobilenet", "1")] == ("READY", "")
             newest = client.infer("custom_cnn", [image_input(radiographs[:1])])
             assert newest.get_response().model_version == "1"
-            expect_error("NOT_FOUND", lambda: client.infer("custom_cnn", [image_input(radiographs[:1])],
-                                                           model_version="2"), "served versions: [1]")
-            expect_error("UNAVAILABLE", lambda: client.infer("wrong_dims", [image_input(radiographs[:1])]),
-                         "wrong_dims", "not ready")
+            expect_error(
+                "NOT_FOUND",
+                lambda: client.infer("custom_cnn", [image_input(radiographs[:1])], model_version="2"),
+                "served versions: [1]",
+            )
+            expect_error(
+                "UNAVAILABLE",
+                lambda: client.infer("wrong_dims", [image_input(radiographs[:1])]),
+                "wrong_dims",
+                "not ready",
+            )
             result = client.infer("mobilenet", [image_input(radiographs[:2])])
             assert result.as_numpy("probabilities").shape == (2, 3)
             # model control none: the repository is fixed at start
@@ -70,18 +79,19 @@ def test_broken_models_are_listed_with_their_reason_while_the_others_serve(own_r
 
 
 def test_explicit_control_loads_and_unloads(own_repository, radiographs, tmp_path):
-    server = start_server(own_repository, tmp_path / "server", "--model-control", "explicit",
-                          "--load-model", "custom_cnn")
+    server = start_server(
+        own_repository, tmp_path / "server", "--model-control", "explicit", "--load-model", "custom_cnn"
+    )
     try:
         with triton.InferenceServerClient(server.address) as client:
             index = {m.name: m for m in client.get_model_repository_index().models}
             assert index["mobilenet"].state == "UNAVAILABLE" and index["mobilenet"].reason == "not loaded"
             with grpc.insecure_channel(server.address) as channel:  # tritonclient's own stub: its client lacks `ready`
                 ready_only = service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
-                    service_pb2.RepositoryIndexRequest(ready=True), timeout=10)
+                    service_pb2.RepositoryIndexRequest(ready=True), timeout=10
+                )
             assert {(m.name, m.version) for m in ready_only.models} == {("custom_cnn", "1"), ("custom_cnn", "2")}
-            expect_error("UNAVAILABLE", lambda: client.infer("mobilenet", [image_input(radiographs[:1])]),
-                         "not loaded")
+            expect_error("UNAVAILABLE", lambda: client.infer("mobilenet", [image_input(radiographs[:1])]), "not loaded")
 
             client.load_model("mobilenet")
             assert client.is_model_ready("mobilenet")
@@ -89,8 +99,7 @@ def test_explicit_control_loads_and_unloads(own_repository, radiographs, tmp_pat
 
             client.unload_model("mobilenet")
             assert not client.is_model_ready("mobilenet")
-            expect_error("UNAVAILABLE", lambda: client.infer("mobilenet", [image_input(radiographs[:1])]),
-                         "unloaded")
+            expect_error("UNAVAILABLE", lambda: client.infer("mobilenet", [image_input(radiographs[:1])]), "unloaded")
             index = {m.name: m for m in client.get_model_repository_index().models}
             assert (index["mobilenet"].state, index["mobilenet"].reason) == ("UNAVAILABLE", "unloaded")
             assert client.is_model_ready("custom_cnn"), "unloading one model leaves the others"
@@ -101,8 +110,7 @@ def test_explicit_control_loads_and_unloads(own_repository, radiographs, tmp_pat
         assert server.stop() == 0
 
 
-def test_reload_swaps_atomically_and_running_requests_finish_on_the_old_version(own_repository, radiographs,
-                                                                                   tmp_path):
+def test_reload_swaps_atomically_and_running_requests_finish_on_the_old_version(own_repository, radiographs, tmp_path):
     # Hold requests in the queue for a while, so some are in flight while the reload happens.
     config_path = own_repository / "custom_cnn" / "config.pbtxt"
     config = config_path.read_text()
@@ -120,7 +128,7 @@ def test_reload_swaps_atomically_and_running_requests_finish_on_the_old_version(
                     (errors if error else answers).append(error or result)
 
             for i in range(4):  # queued on version 2 (the newest) when the reload starts
-                client.async_infer("custom_cnn", [image_input(radiographs[i:i + 1])], callback, request_id=f"old{i}")
+                client.async_infer("custom_cnn", [image_input(radiographs[i : i + 1])], callback, request_id=f"old{i}")
             time.sleep(0.1)
             shutil.copytree(own_repository / "custom_cnn" / "1", own_repository / "custom_cnn" / "3")
             stop = threading.Event()
@@ -143,7 +151,9 @@ def test_reload_swaps_atomically_and_running_requests_finish_on_the_old_version(
                 time.sleep(0.05)
 
             assert errors == [] and len(answers) == 4
-            assert {a.get_response().model_version for a in answers} == {"2"}, "running requests finish on the old version"
+            assert {a.get_response().model_version for a in answers} == {"2"}, (
+                "running requests finish on the old version"
+            )
             failures = [d for d in during if isinstance(d, Exception)]
             assert failures == [], failures
             assert {d.get_response().model_version for d in during} <= {"2", "3"}

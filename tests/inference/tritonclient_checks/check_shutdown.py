@@ -19,12 +19,15 @@ from inference.tritonclient_checks.triton_helpers import image_input
 def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_repository, radiographs, tmp_path):
     config_path = own_repository / "mobilenet" / "config.pbtxt"
     # Requests wait 2 s in the queue: they are still queued when SIGTERM arrives.
-    config_path.write_text(config_path.read_text().replace("max_queue_delay_microseconds: 500",
-                                                           "max_queue_delay_microseconds: 2000000"))
+    config_path.write_text(
+        config_path.read_text().replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 2000000")
+    )
     server = start_server(own_repository, tmp_path / "server", "--grace-period", "20")
     with triton.InferenceServerClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        )
         answers, errors = [], []
         lock = threading.Lock()
 
@@ -33,7 +36,7 @@ def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_reposi
                 (errors if error else answers).append(error or result)
 
         for i in range(3):
-            client.async_infer("mobilenet", [image_input(radiographs[2 * i:2 * i + 2])], callback, request_id=f"q{i}")
+            client.async_infer("mobilenet", [image_input(radiographs[2 * i : 2 * i + 2])], callback, request_id=f"q{i}")
         time.sleep(0.3)
         sent = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -41,8 +44,10 @@ def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_reposi
 
         # Draining: not ready, health NOT_SERVING, new inference refused with UNAVAILABLE; the queued ones still wait.
         assert not client.is_server_ready()
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
-            health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         with pytest.raises(InferenceServerException) as refused:
             client.infer("mobilenet", [image_input(radiographs[:1])])
         assert refused.value.status() == "StatusCode.UNAVAILABLE" and "shutting down" in refused.value.message()

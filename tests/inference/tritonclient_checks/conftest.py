@@ -44,7 +44,8 @@ def own_repository(served_repository, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def server(served_repository, tmp_path_factory) -> ServerProcess:
     """One server per module, in explicit model control with every model loaded at start."""
-    handle = start_server(served_repository, tmp_path_factory.mktemp("server"), "--model-control", "explicit",
-                          "--load-model", "*")
+    handle = start_server(
+        served_repository, tmp_path_factory.mktemp("server"), "--model-control", "explicit", "--load-model", "*"
+    )
     yield handle
     handle.stop()
