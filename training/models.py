@@ -56,12 +56,17 @@ class CxrNet(nn.Module):
         logits, cam, _ = self.forward_all(x)
         return logits, cam
 
+    def _has_blocks(self) -> bool:
+        """Whether the backbone runs as its blocks in order (a Sequential, or one that lists them, as
+        efficientnet_lite0 does): then the gate can score several depths."""
+        return isinstance(self.backbone, nn.Sequential) or hasattr(self.backbone, "fine_tuning_blocks")
+
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(logits, cam, the output of every top-level backbone block, input side first; the last is the feature map
         the head pools). The input gate scores the deeper blocks' outputs (training/ood.py)."""
         h = self.normalize(x)
         taps = []
-        for block in self.backbone if isinstance(self.backbone, nn.Sequential) else [self.backbone]:
+        for block in backbone_blocks(self) if self._has_blocks() else [self.backbone]:
             h = block(h)
             taps.append(h)
         logits = self.classifier(h.mean(dim=(2, 3)))

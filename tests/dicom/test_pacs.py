@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from conftest import require
 from cxr.generated.cxr.v1 import gateway_pb2 as pb
-from services.dicom.writers import NOT_FOR_CLINICAL_USE
+from services.dicom.writers import INDETERMINATE, NOT_FOR_CLINICAL_USE
 from tests.dicom import orthanc
 from tests.dicom.conftest import NODE_AE, metric, start_node, wait_for
 
@@ -151,7 +151,9 @@ def test_every_file_goes_round_the_pacs_and_the_sr_matches_a_direct_classify(
                 c.probability,
             )
         top_group = sr.content.get_image_measurement_groups()[0]
-        assert top_group.finding_type.meaning == direct.top_class
+        # the top finding: the class, or "indeterminate" below the model's operating point (the probabilities stay)
+        expected = INDETERMINATE[1] if direct.indeterminate else direct.top_class
+        assert top_group.finding_type.meaning == expected
 
         (tmp_path / "sr.dcm").write_bytes(sr_bytes)
         dump = subprocess.run(["dsrdump", str(tmp_path / "sr.dcm")], capture_output=True, text=True, timeout=60)

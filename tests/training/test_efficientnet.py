@@ -16,6 +16,7 @@ import torch
 from cxr import repository
 from cxr.imaging import load_for_model
 from training import efficientnet_lite as E
+from training.evaluate import evaluate_run
 from training.export import export_run
 from training.models import backbone_blocks, build_model
 from training.train import TrainConfig, train
@@ -111,6 +112,7 @@ def test_transfer_learning_run_keeps_the_frozen_blocks_and_exports(cxr_raw_dir, 
         assert torch.equal(trained[key], package_state[key]), f"{key} is below the top 4 blocks: frozen"
     assert not torch.equal(trained["_conv_head.weight"], package_state["_conv_head.weight"])  # the top trained
     assert not torch.equal(trained["_blocks.15._project_conv.weight"], package_state["_blocks.15._project_conv.weight"])
+    evaluate_run(run, plots=False)  # export packages what evaluate fitted (temperature, operating point, input gate)
     version = export_run(run, tmp_path / "repo")
     card = repository.read_model_card(version)
     assert card["architecture"] == "efficientnet_lite0" and card["pretrained"]["sha256"] == E.sha256_of(
