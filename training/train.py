@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,8 @@ def predict_logits(
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int | None = None) -> dict:
     """Train one architecture into run_dir; resumes from last.pt when present. Returns the run summary.
+    The recipe top to bottom: the split and the model, the optimiser, schedule and moving average, then the loop:
+    train_one_epoch, validate, keep best.pt, save_checkpoint (last.pt), early stopping.
     stop_after: end this call after that many epochs (the run can be resumed; a time-boxed session)."""
     run = RunDir(run_dir)
     run_dir = run.path
@@ -339,11 +342,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             )
         log.info("resumed from %s after epoch %d (best val macro AUC %.4f)", last_path, start_epoch, best_auc)
 
-    from tqdm import tqdm
-
     train_x = torch.from_numpy(train_set.images).unsqueeze(1)
     train_y = torch.from_numpy(train_set.labels)
     cut, cache_seconds = frozen_cut(model, cfg), 0.0
+    train_cache, val_cache = None, None
     if cut is not None:
         t0 = time.perf_counter()
         train_cache = [
@@ -359,74 +361,23 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             cache_seconds,
             sum(c.numel() * c.element_size() for c in [*train_cache, val_cache]) / 2**20,
         )
+    data = _EpochData(train_x, train_y, val_set, cut, train_cache, val_cache)
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
             log.info("early stopping: no better validation macro AUC for %d epochs", stale)
             break
-        if cfg.weights != "none":
-            set_trainable_top(model, 0 if epoch < cfg.frozen_epochs else cfg.fine_tune_layers)
-        model.train()
-        _freeze_bn_of_frozen_blocks(model)
-        order = torch.randperm(len(train_y), generator=generator)
-        seen, loss_sum, correct = 0, 0.0, 0
         t0 = time.perf_counter()
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"{cfg.architecture} epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            mininterval=5,
-            leave=False,
+        trained = train_one_epoch(
+            model, ema, optimizer, scheduler, data, cfg, epoch, steps_per_epoch, device, generator, weight
         )
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on a batch of one
-                continue
-            y = train_y[idx].to(device)
-            if cut is None:
-                logits = model(augment(train_x[idx], cfg, generator).to(device))
-            else:
-                logits = _top_logits(model, cut, train_cache[epoch % cfg.cache_views][idx].to(device, torch.float32))
-            loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        bar.close()
-        train_time = time.perf_counter() - t0
-        kept = ema.module if ema is not None else model
-        if cut is None:
-            val_logits = predict_logits(kept, val_set.images, device=device)
-        else:
-            kept.eval()
-            with torch.no_grad():
-                val_logits = (
-                    torch.cat(
-                        [_top_logits(kept, cut, val_cache[i : i + 64].to(device)) for i in range(0, len(val_cache), 64)]
-                    )
-                    .cpu()
-                    .numpy()
-                )
-        val_t = torch.from_numpy(val_logits)
-        val_y = torch.from_numpy(val_set.labels)
-        val_loss = float(F.cross_entropy(val_t, val_y, weight=weight.cpu() if weight is not None else None))
-        val_probs = torch.softmax(val_t, 1).numpy()
+        kept = ema.module if ema is not None else model  # the moving average is what is validated and kept
+        validated = validate(kept, data, device, weight)
         record = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "val_loss": val_loss,
-            "val_accuracy": float((val_probs.argmax(1) == val_set.labels).mean()),
-            "val_macro_auc": macro_auc(val_set.labels, val_probs),
+            **trained,
+            **validated,
             "lr": optimizer.param_groups[-1]["lr"],
-            "train_seconds": train_time,
             "epoch_seconds": time.perf_counter() - t0,
-            "train_images_per_second": seen / train_time if train_time > 0 else float("nan"),
             "cache_seconds": cache_seconds if epoch == start_epoch else 0.0,  # --cache-views: computed once per call
         }
         history.append(record)
@@ -449,21 +400,17 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
             record["train_images_per_second"],
             record["epoch_seconds"],
         )
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "total_steps": scheduler.total_steps,
-                "history": history,
-                "best_auc": best_auc,
-                "stale": stale,
-                "epoch": epoch + 1,
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            },
+        save_checkpoint(
             last_path,
+            model,
+            ema,
+            optimizer,
+            scheduler,
+            generator,
+            history=history,
+            best_auc=best_auc,
+            stale=stale,
+            epoch=epoch + 1,
         )
         run.write_json(RunDir.HISTORY, history, indent=1)
         if stop_after is not None and epoch + 1 - start_epoch >= stop_after:
@@ -480,6 +427,139 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = True, stop_after: int 
         "done: best validation macro AUC %.4f after %d epochs, %.0f s", best_auc, len(history), summary["wall_seconds"]
     )
     return summary
+
+
+@dataclass
+class _EpochData:
+    """What each epoch trains and validates on: the training images, or (--cache-views) the cached outputs of the
+    frozen blocks for each augmented view, which only the top `cut` blocks then see."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_set: D.ImageSet
+    cut: int | None
+    train_cache: list[torch.Tensor] | None
+    val_cache: torch.Tensor | None
+
+
+def train_one_epoch(
+    model,
+    ema,
+    optimizer,
+    scheduler,
+    data: _EpochData,
+    cfg: TrainConfig,
+    epoch: int,
+    steps_per_epoch: int,
+    device,
+    generator: torch.Generator,
+    weight,
+) -> dict:
+    """One pass over the training images in a seeded random order (augmented on the fly, or one cached view),
+    updating the weights, the schedule and the moving average. Returns the epoch's training record."""
+    from tqdm import tqdm
+
+    if cfg.weights != "none":
+        set_trainable_top(model, 0 if epoch < cfg.frozen_epochs else cfg.fine_tune_layers)
+    model.train()
+    _freeze_bn_of_frozen_blocks(model)
+    order = torch.randperm(len(data.train_y), generator=generator)
+    seen, loss_sum, correct = 0, 0.0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(
+        range(steps_per_epoch),
+        desc=f"{cfg.architecture} epoch {epoch + 1}/{cfg.epochs}",
+        unit="batch",
+        mininterval=5,
+        leave=False,
+    )
+    for step in bar:
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on a batch of one
+            continue
+        y = data.train_y[idx].to(device)
+        if data.cut is None:
+            logits = model(augment(data.train_x[idx], cfg, generator).to(device))
+        else:
+            cached = data.train_cache[epoch % cfg.cache_views][idx].to(device, torch.float32)
+            logits = _top_logits(model, data.cut, cached)
+        loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        seen += len(idx)
+        loss_sum += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "train_seconds": seconds,
+        "train_images_per_second": seen / seconds if seconds > 0 else float("nan"),
+    }
+
+
+def validate(model, data: _EpochData, device, weight) -> dict:
+    """Validation loss, accuracy and macro AUC (training/metrics.py, the one definition) of `model`."""
+    if data.cut is None:
+        logits = predict_logits(model, data.val_set.images, device=device)
+    else:
+        model.eval()
+        with torch.no_grad():
+            cache = data.val_cache
+            logits = torch.cat(
+                [_top_logits(model, data.cut, cache[i : i + 64].to(device)) for i in range(0, len(cache), 64)]
+            )
+            logits = logits.cpu().numpy()
+    logits_t = torch.from_numpy(logits)
+    labels = data.val_set.labels
+    loss = float(
+        F.cross_entropy(logits_t, torch.from_numpy(labels), weight=weight.cpu() if weight is not None else None)
+    )
+    probs = torch.softmax(logits_t, 1).numpy()
+    return {
+        "val_loss": loss,
+        "val_accuracy": float((probs.argmax(1) == labels).mean()),
+        "val_macro_auc": macro_auc(labels, probs),
+    }
+
+
+def save_checkpoint(
+    path: Path,
+    model,
+    ema,
+    optimizer,
+    scheduler,
+    generator: torch.Generator,
+    *,
+    history: list[dict],
+    best_auc: float,
+    stale: int,
+    epoch: int,
+) -> None:
+    """Everything a resume needs to continue exactly (RunDir.LAST): weights, moving average, optimiser, schedule,
+    history, early-stopping state and both random generators."""
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "total_steps": scheduler.total_steps,
+            "history": history,
+            "best_auc": best_auc,
+            "stale": stale,
+            "epoch": epoch,
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        path,
+    )
 
 
 def frozen_cut(model, cfg: TrainConfig) -> int | None:
