@@ -40,15 +40,16 @@ _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 @dataclass(frozen=True)
 class Refusal:
     reason: str
-    message: str  # "image refused (<reason>): <what a person can do>"
+    what: str  # what a person can do about it
+
+    @property
+    def message(self) -> str:
+        """The refusal's status message, in the form every image refusal has (the DICOM node parses the reason)."""
+        return f"image refused ({self.reason}): {self.what}"
 
     @property
     def notice(self) -> str:
-        return f"input gate ({self.reason}), answered anyway as configured: {self.message.split(': ', 1)[1]}"
-
-
-def _refusal(reason: str, what: str) -> Refusal:
-    return Refusal(reason, f"image refused ({reason}): {what}")
+        return f"input gate ({self.reason}), answered anyway as configured: {self.what}"
 
 
 def header_refusals(header: dict[str, str]) -> list[Refusal]:
@@ -57,7 +58,7 @@ def header_refusals(header: dict[str, str]) -> list[Refusal]:
     modality = header.get("Modality", "").upper()
     if modality and modality not in RADIOGRAPH_MODALITIES:
         found.append(
-            _refusal(
+            Refusal(
                 "not_radiograph",
                 f"the DICOM Modality is {_coded(modality)}, not a radiograph (CR or DX); send a chest radiograph",
             )
@@ -65,7 +66,7 @@ def header_refusals(header: dict[str, str]) -> list[Refusal]:
     body_part = header.get("BodyPartExamined", "").upper()
     if body_part and not any(word in body_part for word in CHEST_WORDS):
         found.append(
-            _refusal(
+            Refusal(
                 "not_chest",
                 f"the DICOM BodyPartExamined is {_coded(body_part)}, not a chest; the models "
                 "read chest radiographs only (correct the tag if it is one)",
@@ -74,7 +75,7 @@ def header_refusals(header: dict[str, str]) -> list[Refusal]:
     view = header.get("ViewPosition", "").upper()
     if view in LATERAL_VIEWS:
         found.append(
-            _refusal(
+            Refusal(
                 "lateral_view",
                 f"ViewPosition {view} is a lateral view; the models learnt frontal (PA/AP) "
                 "chest radiographs only: send the frontal image of the study",
@@ -86,7 +87,7 @@ def header_refusals(header: dict[str, str]) -> list[Refusal]:
 def ood_refusal(score: float, threshold: float) -> Refusal | None:
     if score <= threshold:
         return None
-    return _refusal(
+    return Refusal(
         "out_of_distribution",
         f"the image is unlike the chest radiographs the model learnt (score {score:.2f} "
         f"above the threshold {threshold:.2f}): send a frontal chest radiograph, "

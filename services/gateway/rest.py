@@ -93,17 +93,8 @@ def build_app(gateway):
     from fastapi.staticfiles import StaticFiles
     from starlette.datastructures import UploadFile
 
-    from services.common.security import TokenAuthInterceptor, load_tokens
-
     settings, service = gateway.settings, gateway.service
-    tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
-    # the gRPC port's own check (constant-time, against every token; refusals logged and counted the same way),
-    # so both ports accept the same tokens
-    checker = (
-        TokenAuthInterceptor(tokens, on_refused=lambda m: gateway.metrics.auth_refused.labels(m).inc())
-        if tokens
-        else None
-    )
+    checker = gateway.auth  # the gRPC port's own check: the same tokens, refusals logged and counted the same way
     limit = settings.max_image_bytes + FORM_OVERHEAD
     call = HttpCall()
 

@@ -23,7 +23,7 @@ from cxr.generated.cxr.v1 import gateway_pb2_grpc as pb_grpc
 from cxr.imaging import DecodedImage, ImageError, ImageLimits, read_image, resize_for_model
 from services.common.errors import ServiceError, aborts_on_error
 from services.common.logging import log_request
-from services.common.serving import Lifecycle
+from services.common.serving import STARTING, Lifecycle
 from services.gateway import input_gate
 from services.gateway.config import GatewaySettings
 from services.gateway.decode_pool import DecodePool
@@ -81,18 +81,12 @@ class GatewayService(pb_grpc.GatewayServicer):
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.executor = ThreadPoolExecutor(max_workers=max(1, settings.decode_workers), thread_name_prefix="decode")
         self.decode_pool = DecodePool(settings.decode_processes, self.limits) if settings.decode_processes > 0 else None
-        self._in_flight = 0
         self.gate_as_notice = input_gate.parse_notice_only(settings.gate_as_notice)
         self._model_cards: dict[tuple[str, str], dict] = {}  # a version folder never changes: read each card once
         # PIL's own bomb guard must not undercut a larger configured limit (ours is checked first anyway)
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_image_pixels)
-
-    @property
-    def in_flight(self) -> int:
-        """Classify requests (unary or stream items) being processed now."""
-        return self._in_flight
 
     # ---- RPCs -------------------------------------------------------------------------------------
     @aborts_on_error
@@ -175,17 +169,16 @@ class GatewayService(pb_grpc.GatewayServicer):
     ) -> pb.ClassifyResponse:
         started = time.perf_counter()
         trace = _Trace(method=method, request_id=request.request_id or uuid.uuid4().hex, input_bytes=len(request.image))
-        self._in_flight += 1
         self.metrics.in_flight.inc()
         try:
             if not self.lifecycle.admitting:
-                starting = self.lifecycle.state == "starting"
+                starting = self.lifecycle.state == STARTING
                 raise ServiceError(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the gateway is {'starting' if starting else 'shutting down'}: retry on another replica",
                     "starting" if starting else "shutting_down",
                 )
-            if self._in_flight > self.settings.max_in_flight:
+            if self.lifecycle.in_flight >= self.settings.max_in_flight:  # the admitted ones (this one not yet)
                 raise ServiceError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the gateway is busy ({self.settings.max_in_flight} requests in progress): retry later",
@@ -211,7 +204,6 @@ class GatewayService(pb_grpc.GatewayServicer):
                 grpc.StatusCode.INTERNAL, f"internal gateway error ({type(exc).__name__})", "internal"
             ) from None
         finally:
-            self._in_flight -= 1
             self.metrics.in_flight.dec()
             self._record(trace, time.perf_counter() - started)
 
@@ -439,12 +431,14 @@ class Gateway:
         )
         tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
         limit = settings.max_image_bytes + 64 * 1024  # the image plus the request's other fields
-        self.server = create_server(
-            limit,
-            max_send_bytes=64 * 1024 * 1024,
-            interceptors=[TokenAuthInterceptor(tokens, on_refused=lambda m: self.metrics.auth_refused.labels(m).inc())]
+        # one token check for both ports (gRPC here, HTTP in rest.py): the same tokens, log line and counter
+        self.auth = (
+            TokenAuthInterceptor(tokens, on_refused=lambda m: self.metrics.auth_refused.labels(m).inc())
             if tokens
-            else [],
+            else None
+        )
+        self.server = create_server(
+            limit, max_send_bytes=64 * 1024 * 1024, interceptors=[self.auth] if self.auth else []
         )
         self.lifecycle = add_health_and_reflection(self.server, [SERVICE_NAME])
         self.service = GatewayService(settings, self.upstream, self.metrics, self.lifecycle)
@@ -463,7 +457,6 @@ class Gateway:
         self.metrics_port = 0
         self.http = None  # the HTTP server (services/gateway/rest.py), once started
         self._tasks: set[asyncio.Task] = set()
-        self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT (serve_until_terminated sets it)
 
     def _on_readiness(self, ready: bool) -> None:
         self.metrics.upstream_ready.set(1 if ready else 0)
@@ -518,8 +511,6 @@ async def serve(
     from services.common.serving import serve_until_terminated
 
     gateway = Gateway(settings)
-    if stop_event is not None:
-        gateway.stopping = stop_event
     await gateway.start()
     if started is not None and not started.done():
         started.set_result((gateway.port, gateway.metrics_port, gateway.http.port if gateway.http else -1))
@@ -529,7 +520,7 @@ async def serve(
             gateway.lifecycle,
             grace_period_s=settings.shutdown_grace_s,
             drain_delay_s=settings.drain_delay_s,
-            stop_event=gateway.stopping,
+            stop_event=stop_event,
         )
     finally:
         await gateway.close()
