@@ -34,10 +34,6 @@ class ServiceProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -4,7 +4,8 @@ A `ServiceError` carries what a caller needs (the status `code` and a `message` 
 operators count (a short `reason`, the metrics label). Code anywhere in a request's path raises it; the servicer
 methods are decorated with `@aborts_on_error`, which turns it into the call's status (MLServer's
 `handle_mlserver_error` is the same shape). Transports other than gRPC map the same type: `http_status` is the
-HTTP status of each code (Triton's and KServe's HTTP/REST mapping), for the HTTP adapter.
+HTTP status of each code (grpc-gateway's table), for the gateway's HTTP API; the inference service's KServe v2
+REST answers Triton's own codes instead (`services/inference/rest.py` TRITON_HTTP_STATUS).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grpc
 
 log = logging.getLogger("cxr.errors")
 
-# gRPC status -> HTTP status, as Triton's and KServe's HTTP front ends answer (grpc-gateway's table).
+# gRPC status -> HTTP status, grpc-gateway's table (the gateway's HTTP/JSON API; inference REST uses Triton's).
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.CANCELLED: 499,

@@ -53,7 +53,6 @@ class HttpServer:
         host: str,
         port: int,
         *,
-        name: str,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         tls_client_ca: Path | None = None,
@@ -61,7 +60,6 @@ class HttpServer:
     ):
         import uvicorn
 
-        self.name = name
         self.host, self.port = host, port
         self.tls = bool(tls_cert and tls_key)
         options = {}
@@ -117,18 +115,21 @@ class HttpServer:
         self._main = None
 
 
-async def start_http(app, settings, *, name: str, env: str, tls: bool = False) -> HttpServer | None:
-    """Serve `app` on settings.host:settings.http_port (-1: off, returns None), with the settings' TLS files when
-    `tls`; a port that cannot be bound is a SystemExit naming the flag and the variable `env` to change."""
+async def start_http(app, settings, *, env: str, grace_period_s: float) -> HttpServer | None:
+    """Serve `app` on settings.host:settings.http_port (-1: off, returns None) with the settings' TLS files (the
+    gRPC port's: one security setting for both transports); a port that cannot be bound is a SystemExit naming the
+    flag and the variable `env` to change."""
     if settings.http_port < 0:
         return None
-    files = (
-        {"tls_cert": settings.tls_cert, "tls_key": settings.tls_key, "tls_client_ca": settings.tls_client_ca}
-        if tls
-        else {}
+    server = HttpServer(
+        app,
+        settings.host,
+        settings.http_port,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_client_ca=settings.tls_client_ca,
+        grace_period_s=grace_period_s,
     )
-    grace = getattr(settings, "grace_period_s", None) or getattr(settings, "shutdown_grace_s", 5.0)
-    server = HttpServer(app, settings.host, settings.http_port, name=name, grace_period_s=grace, **files)
     try:
         await server.start()
     except OSError as e:

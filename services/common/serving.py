@@ -104,17 +104,14 @@ class Lifecycle:
         """Move to `state` (forward only: a server that started to drain never serves again)."""
         if _ORDER.index(state) > _ORDER.index(self.state):
             self.state = state
-        await self._publish()
+        await self.publish()
 
     async def set_dependency_ready(self, ready: bool) -> None:
         self.dependency_ready = ready
-        await self._publish()
+        await self.publish()
 
     async def publish(self) -> None:
         """Mirror the state into grpc.health.v1 (call once before the server starts: it is NOT_SERVING until then)."""
-        await self._publish()
-
-    async def _publish(self) -> None:
         ready = self.ready
         if ready == self._published:
             return

@@ -203,6 +203,7 @@ async def start_http(gateway):
     """The HTTP API and page on settings.http_port (-1: off, returns None), with the gRPC port's TLS settings."""
     from services.common import http
 
+    settings = gateway.settings
     return await http.start_http(
-        build_app(gateway), gateway.settings, name="gateway-http", env="CXR_GATEWAY_HTTP_PORT", tls=True
+        build_app(gateway), settings, env="CXR_GATEWAY_HTTP_PORT", grace_period_s=settings.shutdown_grace_s
     )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from services.common.errors import ServiceError, unavailable
+from services.common.errors import ServiceError, exhausted, unavailable
 
 # (inputs, output names) -> {output name: array with the batch's rows}; runs in a worker thread
 RunBatch = Callable[[dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
@@ -121,8 +121,7 @@ class DynamicBatcher:
             raise unavailable(f"model {self._name} is unloading; retry to reach the version now served")
         s = self.settings
         if s.max_queue_size and len(self._queue) >= s.max_queue_size:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise exhausted(
                 f"model {self._name}: queue is full ({s.max_queue_size} requests waiting, max_queue_size); retry later",
                 "queue_full",
             )

@@ -444,11 +444,9 @@ async def start_http(service, settings, tokens=None):
     """The REST API on settings.http_port (-1: off, returns None), in the running loop."""
     from services.common import http
 
-    # the gRPC port's TLS / mutual TLS files too: one security setting for both transports
     return await http.start_http(
         build_app(service, settings.max_message_bytes, tokens),
         settings,
-        name="inference-http",
         env="CXR_INFERENCE_HTTP_PORT",
-        tls=True,
+        grace_period_s=settings.grace_period_s,
     )

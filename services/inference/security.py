@@ -21,16 +21,15 @@ HEALTH_METHODS = (HEALTH_PREFIX, _SERVICE + "ServerLive", _SERVICE + "ServerRead
 CONTROL_METHODS = (_SERVICE + "RepositoryModelLoad", _SERVICE + "RepositoryModelUnload")
 
 
-def auth_interceptors(settings: InferenceSettings, metrics: InferenceMetrics) -> list[grpc.aio.ServerInterceptor]:
+def auth_interceptor(settings: InferenceSettings, metrics: InferenceMetrics) -> TokenAuthInterceptor | None:
+    """The one token check of both ports (the gRPC interceptor; REST calls its `authorize`); None without tokens."""
     tokens = load_tokens(settings.auth_token_file, settings.auth_tokens)
     if not tokens:
-        return []
+        return None
     only = CONTROL_METHODS if settings.auth_scope == "control" else None
-    return [
-        TokenAuthInterceptor(
-            tokens, HEALTH_METHODS, only=only, on_refused=lambda method: metrics.auth_refused.labels(method).inc()
-        )
-    ]
+    return TokenAuthInterceptor(
+        tokens, HEALTH_METHODS, only=only, on_refused=lambda method: metrics.auth_refused.labels(method).inc()
+    )
 
 
 def add_port(server: grpc.aio.Server, settings: InferenceSettings) -> int:

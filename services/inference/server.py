@@ -30,7 +30,7 @@ from services.inference.config import InferenceSettings
 from services.inference.metrics import InferenceMetrics
 from services.inference.model_manager import READY, ModelManager, ModelVersion
 from services.inference.rest import start_http
-from services.inference.security import add_port, auth_interceptors, describe_security
+from services.inference.security import add_port, auth_interceptor, describe_security
 from services.inference.tensors import classify, decode_inputs, encode_output, parse_requested_outputs
 
 log = logging.getLogger("cxr.inference")
@@ -309,8 +309,8 @@ async def serve(
     # onnxruntime releases the GIL while it computes; the batcher bounds concurrent runs per model by its instances.
     compute = ThreadPoolExecutor(max_workers=settings.compute_threads or 4, thread_name_prefix="onnxruntime")
     manager = ModelManager(settings, metrics, compute)
-    interceptors = auth_interceptors(settings, metrics)
-    server = create_server(settings.max_message_bytes, interceptors=interceptors)
+    tokens = auth_interceptor(settings, metrics)
+    server = create_server(settings.max_message_bytes, interceptors=[tokens] if tokens else [])
     lifecycle = add_health_and_reflection(server, [SERVICE_NAME])
     await lifecycle.publish()
     service = InferenceService(settings, manager, metrics, lifecycle)
@@ -329,9 +329,7 @@ async def serve(
             "(--metrics-port / CXR_INFERENCE_METRICS_PORT)"
         ) from None
     await server.start()  # live at once (ServerLive), ready only once the models are loaded and warmed up
-    http = await start_http(
-        service, settings, interceptors[0] if interceptors else None
-    )  # KServe v2 REST beside gRPC, over the same servicer
+    http = await start_http(service, settings, tokens)  # KServe v2 REST beside gRPC, over the same servicer
     http_port = http.port if http else -1
     log.info(
         "listening on %s:%d (HTTP on %s, metrics on %s; %s); loading models from %s",
@@ -339,7 +337,7 @@ async def serve(
         port,
         http_port if http else "off",
         metrics_port if metrics_port >= 0 else "off",
-        describe_security(settings, bool(interceptors)),
+        describe_security(settings, tokens is not None),
         settings.repository,
     )
     await manager.start()

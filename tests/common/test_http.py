@@ -51,7 +51,7 @@ async def _get(port: int, path: str, body: bytes | None = None) -> tuple[int, by
 def test_serves_in_the_loop_and_stops_after_the_request_in_progress():
     async def main():
         started = asyncio.Event()
-        server = HttpServer(_app(started), "127.0.0.1", 0, name="test", grace_period_s=5)
+        server = HttpServer(_app(started), "127.0.0.1", 0, grace_period_s=5)
         port = await server.start()
         assert port > 0 and server.port == port
         assert await _get(port, "/echo", b"12345") == (200, b'{"size":5}')
@@ -76,7 +76,7 @@ def test_a_taken_port_is_an_oserror():
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
-            server = HttpServer(_app(asyncio.Event()), "127.0.0.1", taken.getsockname()[1], name="test")
+            server = HttpServer(_app(asyncio.Event()), "127.0.0.1", taken.getsockname()[1])
             with pytest.raises(OSError):
                 await server.start()
 
