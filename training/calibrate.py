@@ -60,6 +60,11 @@ class Calibration:
         with np.load(Path(folder) / GATE_FILE) as arrays:
             return {k: arrays[k] for k in arrays.files}
 
+    @property
+    def has_gate(self) -> bool:
+        """An input gate was fitted and goes into the exported graph (not left out for failing its parity check)."""
+        return self.input_gate is not None and "omitted" not in self.input_gate
+
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of a single model's logits."""
         return softmax(np.asarray(logits, dtype=np.float64), self.temperature or 1.0)

@@ -366,14 +366,14 @@ def evaluate_ensemble(
     Its own operating point and input-gate threshold are fitted too and saved in `out_dir` (what export reads)."""
     members, first = [], None
     for run_dir in run_dirs:
+        # each member's own temperature (a member never evaluated is refused here, before any forward pass)
+        t = C.Calibration.load(Path(run_dir)).temperature
         logits, val, cfg = validation_predictions(Path(run_dir), data_dir)
         files = [s.file for s in val.samples]
         if first is None:
             first = (files, val, cfg)
         elif files != first[0]:
             raise ValueError(f"{run_dir} was validated on a different split; ensemble members must share one split")
-        t = RunDir(run_dir).temperature()
-        t = C.fit_temperature(logits, val.labels) if t is None else t
         members.append((logits, t, cfg))
     _, val, cfg = first
     probs = np.mean([C.softmax(lg.astype(np.float64), t) for lg, t, _ in members], axis=0)
@@ -397,7 +397,6 @@ def evaluate_ensemble(
             "train_images_per_second": None,
         }
     )
-    metrics["ece_before"] = C.expected_calibration_error(C.softmax(logits.astype(np.float64)), val.labels)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     calibration = C.fit_ensemble(list(map(Path, run_dirs)), Path(out_dir), probs, val, target_accuracy)
     metrics.update(operating_point=calibration.operating_point, input_gate=calibration.input_gate)

@@ -221,7 +221,7 @@ def _card(cfg: TrainConfig, metrics: dict, parity: dict, calibration: Calibratio
         "logits": "uncalibrated",
         "cam": f"class activation maps [N, C, {cfg.image_size // 32}, {cfg.image_size // 32}]",
     }
-    if calibration.input_gate is not None and "omitted" not in calibration.input_gate:
+    if calibration.has_gate:
         outputs[OOD_OUTPUT] = (
             "[N, 1] out-of-distribution score, higher = less like the training radiographs; 1.0 is the "
             "threshold fitted on the validation split (see input_gate)"
@@ -390,7 +390,7 @@ def _check_compatible(repo: Path, name: str, cfg: TrainConfig) -> None:
 def fitted_parameters(calibration: Calibration) -> dict[str, str]:
     """The config parameters that follow the newest version's fit (the gateway reads them, with Triton too)."""
     params = {"cxr.operating_point": repr(float(calibration.operating_point["min_top_probability"]))}
-    if calibration.input_gate is not None and "omitted" not in calibration.input_gate:
+    if calibration.has_gate:
         params["cxr.ood_threshold"] = repr(float(calibration.input_gate["threshold"]))
     return params
 

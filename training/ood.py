@@ -101,12 +101,10 @@ def refused_share(scores: np.ndarray, threshold: float) -> float:
 
 def separation_auc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """ROC AUC of telling `out_scores` (should be high) from `in_scores`: 1.0 = perfectly separated."""
-    from scipy.stats import rankdata
+    from training.metrics import binary_auc
 
-    scores = np.concatenate([in_scores, out_scores])
-    ranks = rankdata(scores)
-    n_in, n_out = len(in_scores), len(out_scores)
-    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+    is_out = np.r_[np.zeros(len(in_scores), bool), np.ones(len(out_scores), bool)]
+    return binary_auc(is_out, np.concatenate([in_scores, out_scores]))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.calibrate import CALIBRATION_FILE, GATE_FILE, Calibration
+from training.calibrate import CALIBRATION_FILE, GATE_FILE
 from training.config import TrainConfig
 from training.data import SPLIT_FILE
 
@@ -62,9 +62,3 @@ class RunDir:
 
     def pretrained(self) -> dict | None:
         return self.read_json(self.PRETRAINED)
-
-    def temperature(self) -> float | None:
-        if not (self.path / self.CALIBRATION).is_file():
-            return None
-        temperature = Calibration.load(self.path).temperature
-        return float(temperature) if temperature is not None else None
