@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,15 +17,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.gateway.processes import free_port  # a port for Orthanc's generated configuration
+
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 AE_TITLE = "ORTHANC"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def missing() -> str | None:

@@ -3,7 +3,7 @@ the node classifies through the gateway and stores an SR and a Secondary Capture
 
 Every DICOM file of ../shared/data/dicom takes the round trip; the SR is checked with highdicom and with dcmtk's
 `dsrdump`, and its probabilities against a direct Classify of the same file. Then: a re-send stores nothing twice,
-an unknown calling AE title is refused, unreadable (and, with the gateway's input gate, CT and lateral) instances
+an unknown calling AE title is refused, unreadable, CT and lateral instances
 produce no finding objects and are counted by reason, kill -9 between acknowledgement and processing loses
 nothing, STOW-RS works, and a destination that never answers ends in the dead-letter folder.
 """
@@ -31,8 +31,6 @@ pytestmark = pytest.mark.slow
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-# the gateway's input gate (i8-gate): ClassifyResponse gains these fields with it
-GATE = "ood_score" in pb.ClassifyResponse.DESCRIPTOR.fields_by_name
 
 
 def dicom_files(dicom_dir: Path) -> list[Path]:
@@ -242,7 +240,6 @@ def test_an_unreadable_instance_produces_no_finding_objects_and_is_counted(node,
     assert metric(node, "cxr_dicom_spool_depth", stage="incoming") == 0
 
 
-@pytest.mark.skipif(not GATE, reason="needs the gateway's input gate (i8-gate: refusals not_radiograph, lateral_view)")
 def test_a_ct_instance_and_a_lateral_view_produce_no_finding_objects_and_are_counted(node, pacs, dicom_dir):
     nih = next(p for p in dicom_files(dicom_dir) if p.name.startswith("nih_"))
     ct = _push_and_wait_refused(

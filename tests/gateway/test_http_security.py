@@ -19,16 +19,6 @@ from tests.gateway import certs, processes
 TOKENS = ("token-for-pacs-a", "token-for-pacs-b")
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> certs.Pki:
-    return certs.make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def dead_upstream() -> str:
-    return f"127.0.0.1:{processes.free_port()}"
-
-
 def _refused_by_tls(url: str, **kwargs) -> bool:
     try:
         requests.get(url, timeout=10, **kwargs)

@@ -21,16 +21,6 @@ from tests.gateway import certs, processes
 TOKENS = ("token-for-pacs-a", "token-for-pacs-b")
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> certs.Pki:
-    return certs.make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def dead_upstream() -> str:
-    return f"127.0.0.1:{processes.free_port()}"
-
-
 def _gateway(tmp_path: Path, upstream: str, extra: list[str], env: dict[str, str] | None = None) -> processes.Service:
     return processes.start_gateway(upstream, tmp_path, extra=extra, env=env)
 
