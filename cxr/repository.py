@@ -23,6 +23,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from cxr import datatypes
+from cxr.cpus import available_cpus, serving_shape
 from cxr.generated.inference.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
 PLATFORM = "onnxruntime_onnx"
@@ -148,6 +149,7 @@ def write_model(
     max_batch_size: int = 32,
     parameters: Mapping[str, str] | None = None,
     version: int | None = None,
+    cpus: int | None = None,
 ) -> Path:
     """Add `onnx_path` to the repository as a new version of model `name`; returns the version folder.
 
@@ -155,7 +157,8 @@ def write_model(
     written from `classes` (an existing one must agree: classes are shared by all versions). config.pbtxt is
     written only when absent, so an operator's edits survive new versions; its inputs and outputs are read
     from the ONNX graph itself. `parameters` go into config parameters (use "cxr." keys, e.g.
-    "cxr.architecture"); "cxr.classes" and "cxr.image_size" are always set.
+    "cxr.architecture"); "cxr.classes" and "cxr.image_size" are always set. `cpus`: the CPUs the new config's
+    serving shape is sized for (default: this process's).
     """
     if not name or "/" in name or name.startswith("."):
         raise RepositoryError(f"invalid model name {name!r}")
@@ -184,7 +187,7 @@ def write_model(
     if not config_path.exists():
         all_parameters = {"cxr.classes": ",".join(classes), "cxr.image_size": str(int(image_size))}
         all_parameters.update(parameters or {})
-        config = default_config(name, onnx_path, max_batch_size=max_batch_size, parameters=all_parameters)
+        config = default_config(name, onnx_path, max_batch_size=max_batch_size, parameters=all_parameters, cpus=cpus)
         write_config(model_dir, config)
 
     # Build the version in a hidden folder, then rename: a server scanning the repository never sees half a version.
@@ -212,9 +215,16 @@ def write_model(
 
 
 def default_config(
-    name: str, onnx_path: str | Path, *, max_batch_size: int = 32, parameters: Mapping[str, str] | None = None
+    name: str,
+    onnx_path: str | Path,
+    *,
+    max_batch_size: int = 32,
+    parameters: Mapping[str, str] | None = None,
+    cpus: int | None = None,
 ) -> ModelConfig:
-    """A Triton config for an ONNX classifier: tensors as the graph declares them, dynamic batching, one instance.
+    """A Triton config for an ONNX classifier: tensors as the graph declares them, dynamic batching, and the CPU
+    serving shape for `cpus` CPUs (default: the CPUs this process may use), as instance_group.count and
+    onnxruntime's intra_op_thread_count (both read by Triton's onnxruntime backend too).
 
     Outputs whose last dimension is the class count get `label_filename: "labels.txt"` (classification extension).
     """
@@ -239,7 +249,9 @@ def default_config(
     batching.max_queue_delay_microseconds = DEFAULT_MAX_QUEUE_DELAY_US
     batching.default_queue_policy.max_queue_size = DEFAULT_MAX_QUEUE_SIZE
     # KIND_AUTO: the GPU where there is one (CUDA provider), else the CPU; Triton reads it the same way.
-    config.instance_group.add(count=1, kind=ModelInstanceGroup.KIND_AUTO)
+    instances, threads = serving_shape(cpus or available_cpus())
+    config.instance_group.add(count=instances, kind=ModelInstanceGroup.KIND_AUTO)
+    config.parameters["intra_op_thread_count"].string_value = str(threads)
     for key, value in (parameters or {}).items():
         config.parameters[key].string_value = str(value)
     return config

@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --ensemble: the folder `cxr evaluate --ensemble` wrote (default: ensemble/ beside the runs)",
     )
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="size a new model's CPU serving shape (instance_group count x intra_op_thread_count in config.pbtxt) "
+        "for this many CPUs, e.g. the inference pod's CPU limit (default: the CPUs this machine lets us use)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--name names one model: give one run (or use --ensemble)")
     try:
         if args.ensemble:
-            print(export_ensemble(runs, repo, args.name or "ensemble", args.data, args.evaluation))
+            print(export_ensemble(runs, repo, args.name or "ensemble", args.data, args.evaluation, args.cpus))
         else:
             for r in runs:
-                print(export_run(r, repo, args.name, args.data))
+                print(export_run(r, repo, args.name, args.data, args.cpus))
     except (ExportError, RepositoryError, FileNotFoundError) as exc:
         print(f"export failed, nothing written for this model: {exc}")
         return 1

@@ -274,8 +274,11 @@ def _data_card(run_dir: Path, cfg: TrainConfig) -> dict:
     }
 
 
-def export_run(run_dir: Path, repo: Path, name: str | None = None, data_dir: str | None = None) -> Path:
-    """Export one evaluated run as a new version of model `name` (default: its architecture). Returns the version folder."""
+def export_run(
+    run_dir: Path, repo: Path, name: str | None = None, data_dir: str | None = None, cpus: int | None = None
+) -> Path:
+    """Export one evaluated run as a new version of model `name` (default: its architecture). Returns the version
+    folder. A new model's config.pbtxt gets the serving shape for `cpus` CPUs (default: this machine's)."""
     run_dir = Path(run_dir)
     module, cfg, calibration = _calibrated(run_dir)
     cfg.data = data_dir or cfg.data
@@ -302,6 +305,7 @@ def export_run(run_dir: Path, repo: Path, name: str | None = None, data_dir: str
                 "train_images_per_second": metrics.get("train_images_per_second"),
             },
         },
+        cpus,
     )
 
 
@@ -311,6 +315,7 @@ def export_ensemble(
     name: str = "ensemble",
     data_dir: str | None = None,
     evaluation: Path | None = None,
+    cpus: int | None = None,
 ) -> Path:
     """Export the members as one graph that averages them. They must share classes, image size and split, and the
     ensemble must have been evaluated (`cxr evaluate --ensemble`; its folder: `evaluation`, default `ensemble/`
@@ -369,7 +374,9 @@ def export_ensemble(
             + "."
         )
     metrics.setdefault("split", json.loads((Path(run_dirs[0]) / "metrics.json").read_text()).get("split"))
-    return _write(module, first, _parity_images(first, Path(run_dirs[0])), repo, name, metrics, calibration, extra)
+    return _write(
+        module, first, _parity_images(first, Path(run_dirs[0])), repo, name, metrics, calibration, extra, cpus
+    )
 
 
 def _check_compatible(repo: Path, name: str, cfg: TrainConfig) -> None:
@@ -435,6 +442,7 @@ def _write(
     metrics: dict,
     calibration: Calibration,
     extra: dict,
+    cpus: int | None = None,
 ) -> Path:
     _check_compatible(repo, name, cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -457,7 +465,14 @@ def _write(
         }
         existed = (Path(repo) / name / repository.CONFIG_FILENAME).is_file()
         version_dir = repository.write_model(
-            repo, name, onnx_path, classes=cfg.classes, image_size=cfg.image_size, model_card=card, parameters=params
+            repo,
+            name,
+            onnx_path,
+            classes=cfg.classes,
+            image_size=cfg.image_size,
+            model_card=card,
+            parameters=params,
+            cpus=cpus,
         )
         if existed:
             _sync_config(Path(repo) / name, onnx_path, params)

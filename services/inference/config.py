@@ -31,7 +31,8 @@ class InferenceSettings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """onnxruntime execution providers in order; empty: CUDA first where a GPU is usable, else CPU."""
     intra_op_threads: int = 0
-    """onnxruntime threads inside one operator (0: onnxruntime's default, one per core)."""
+    """onnxruntime threads inside one operator, per instance, unless a model's config.pbtxt sets
+    intra_op_thread_count (0: the CPUs this process may use, cgroup-aware, divided by the model's instances)."""
     inter_op_threads: int = 0
     """onnxruntime threads across operators (0: onnxruntime's default)."""
     spin_wait: bool = False

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cxr.cpus import available_cpus
 from cxr.generated.inference.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
 log = logging.getLogger(__name__)
@@ -101,14 +102,30 @@ class SessionPool:
         graph_optimization: str,
         spin_wait: bool = False,
     ):
+        count = sum(max(g.count, 1) for g in config.instance_group) or 1
+        cpus = available_cpus()
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-        # Triton's onnxruntime backend reads the thread counts from these config parameters too.
-        options.intra_op_num_threads = _int_parameter(config, "intra_op_thread_count", intra_op_threads)
+        # Triton's onnxruntime backend reads the thread counts from these config parameters too. Neither given:
+        # this process's CPUs shared out between the instances (onnxruntime's own default is every core of the
+        # node for each session, whatever the container's CPU limit).
+        threads = _int_parameter(config, "intra_op_thread_count", intra_op_threads) or max(1, cpus // count)
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = _int_parameter(config, "inter_op_thread_count", inter_op_threads)
         options.graph_optimization_level = _graph_level(config, graph_optimization)
         options.log_severity_level = 3  # errors only: onnxruntime's warnings would flood the service log
-        count = sum(max(g.count, 1) for g in config.instance_group) or 1
+        if CPU in providers[:1] and count * threads > cpus:
+            log.warning(
+                "model %s: %d instance(s) x %d intra-op thread(s) on %d usable CPU(s): oversubscribed, batches will "
+                "slow each other down; re-export with `cxr export --cpus %d` or edit instance_group / "
+                "intra_op_thread_count in its config.pbtxt",
+                config.name,
+                count,
+                threads,
+                cpus,
+                cpus,
+            )
+        self.threads = threads
         self.sessions = [
             ort.InferenceSession(str(path), sess_options=options, providers=providers) for _ in range(count)
         ]

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from cxr import repository
-from cxr.generated.inference.model_config_pb2 import DataType, ModelConfig
+from cxr.cpus import available_cpus, serving_shape
+from cxr.generated.inference.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 from tests import toy_model
 
 CLASSES = toy_model.CLASSES
@@ -140,3 +141,18 @@ def test_a_graph_without_a_dynamic_batch_axis_is_refused_when_batching(tmp_path)
         repository.write_model(tmp_path / "repo", "fixed", path, classes=CLASSES, image_size=16, model_card={})
     config = repository.default_config("fixed", path, max_batch_size=0)
     assert list(config.input[0].dims) == [1, 1, 16, 16], "without batching the dims are the whole shape"
+
+
+def test_a_new_config_carries_the_shape_for_the_cpus_asked(onnx_files, tmp_path):
+    card = {"architecture": "custom_cnn"}
+    repository.write_model(
+        tmp_path, "cnn", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card=card, cpus=4
+    )
+    config = repository.read_config(tmp_path / "cnn")
+    assert [(g.count, g.kind) for g in config.instance_group] == [(2, ModelInstanceGroup.KIND_AUTO)]
+    assert config.parameters["intra_op_thread_count"].string_value == "2"
+    repository.write_model(tmp_path, "here", onnx_files["custom_cnn"], classes=CLASSES, image_size=16, model_card=card)
+    instances, threads = serving_shape(available_cpus())
+    config = repository.read_config(tmp_path / "here")
+    assert config.instance_group[0].count == instances
+    assert config.parameters["intra_op_thread_count"].string_value == str(threads)

@@ -64,10 +64,9 @@ def test_instance_group_count_sessions_all_answer_alike(toy_repository, count):
 
 
 def test_cuda_comes_first_where_a_gpu_is_visible(toy_repository, monkeypatch):
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("this onnxruntime build has no CUDA provider")
+    """As with the CUDA build on a GPU machine (this one has the CPU build and no GPU: both are stood in for)."""
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: gpu_build)
     monkeypatch.setattr(sessions, "gpu_visible", lambda: True)
     config = repository.read_config(toy_repository / "toy")
     assert sessions.choose_providers([], config) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -93,3 +92,31 @@ def test_a_cuda_session_without_a_usable_gpu_falls_back_to_the_cpu_and_says_so(t
     assert pool.providers == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider could not be used" in caplog.text
     assert pool.run({"image": np.zeros((1, 1, 16, 16), np.uint8)}, ["logits"])["logits"].shape == (1, 3)
+
+
+def test_threads_default_to_the_usable_cpus_shared_out_and_oversubscription_is_logged(
+    toy_repository, monkeypatch, caplog
+):
+    model_dir = toy_repository / "toy"
+    config = repository.read_config(model_dir)
+    del config.parameters["intra_op_thread_count"]
+    config.instance_group[0].count = 2
+    monkeypatch.setattr(sessions, "available_cpus", lambda: 4)
+
+    def pool():
+        return sessions.SessionPool(
+            repository.model_path(model_dir, 1),
+            config,
+            providers=["CPUExecutionProvider"],
+            intra_op_threads=0,
+            inter_op_threads=0,
+            graph_optimization="all",
+        )
+
+    with caplog.at_level(logging.WARNING, logger="services.inference.sessions"):
+        assert pool().threads == 2, "4 usable CPUs for 2 instances: 2 threads each, not onnxruntime's every core"
+        assert "oversubscribed" not in caplog.text
+        config.parameters["intra_op_thread_count"].string_value = "4"
+        assert pool().threads == 4
+    assert "2 instance(s) x 4 intra-op thread(s) on 4 usable CPU(s): oversubscribed" in caplog.text
+    assert "cxr export --cpus 4" in caplog.text
