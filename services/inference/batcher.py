@@ -6,7 +6,10 @@ Triton's knobs and meanings (config.pbtxt `dynamic_batching`):
 - `preferred_batch_size`: a batch reaching the largest preferred size runs at once; when the delay runs out,
   the largest prefix of the queue that forms a preferred size runs, else everything that fits.
 - `max_queue_delay_microseconds`: how long a batch may wait to grow, measured from the arrival of the oldest
-  queued request (not from when the batcher started waiting: the bug MLServer had).
+  queued request (not from when the batcher started waiting: the bug MLServer had). It is not waited when no one
+  else can join: when every caller seen lately is already queued or computing (one client alone, or all of a
+  closed loop's callers back), the batch runs at once; see `_Concurrency`. The config parameter
+  `cxr.hold_lone_requests: "true"` keeps Triton's exact behaviour (every batch may wait the whole delay).
 - `default_queue_policy.max_queue_size`: a request arriving at a full queue is refused at once (RESOURCE_EXHAUSTED).
 - `default_queue_policy.default_timeout_microseconds` / `allow_timeout_override`: a request still queued when its
   timeout (or its gRPC deadline) passes is dropped before compute and answered DEADLINE_EXCEEDED.
@@ -55,6 +58,34 @@ class _Request:
     state: str = QUEUED
 
 
+class _Concurrency:
+    """The most requests in flight (queued or computing) seen lately, to tell when waiting cannot grow a batch.
+
+    "Lately" is one or two windows of at least a second, and of four batch computations for slow models, so a
+    slow model's callers, all back only after their long batch, are still counted when they return one by one.
+    """
+
+    def __init__(self, window_s: float = 1.0):
+        self._min_window = window_s
+        self._window = window_s
+        self._started = 0.0
+        self._current = 0  # the peak in this window
+        self._previous = 0  # the peak in the window before
+
+    def seen(self, in_flight: int, now: float) -> None:
+        if now - self._started >= self._window:
+            self._previous = self._current if now - self._started < 2 * self._window else 0
+            self._current, self._started = 0, now
+        self._current = max(self._current, in_flight)
+
+    def computed(self, seconds: float) -> None:
+        self._window = max(self._min_window, 4 * seconds)
+
+    @property
+    def peak(self) -> int:
+        return max(self._current, self._previous)
+
+
 @dataclass
 class BatcherSettings:
     """The `dynamic_batching` settings of one model (microseconds as in config.pbtxt)."""
@@ -66,6 +97,7 @@ class BatcherSettings:
     default_timeout_us: int = 0
     allow_timeout_override: bool = False
     instances: int = 1
+    hold_lone_requests: bool = False  # wait the delay even when no other caller can join (Triton's behaviour)
 
 
 class DynamicBatcher:
@@ -94,6 +126,7 @@ class DynamicBatcher:
         self._running_requests = 0
         self._closed = False
         self._scheduler: asyncio.Task | None = None
+        self._concurrency = _Concurrency()
 
     # ---- the caller's side -------------------------------------------------------------------------------------
 
@@ -137,6 +170,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         request = _Request(inputs, rows, frozenset(outputs), now, expires, loop.create_future())
         self._queue.append(request)
+        self._concurrency.seen(self.pending, now)
         self._changed.set()
         # A timer, not wait_for: when it fires while the request is still queued, the request is answered
         # DEADLINE_EXCEEDED and never computed; once computing, it runs to the end.
@@ -248,7 +282,9 @@ class DynamicBatcher:
             waited_enough = now >= self._queue[0].arrival + s.max_queue_delay_us / 1e6
             if target in sums:  # the largest preferred size (or a full batch) is there: run it now
                 return self._take(sums.index(target) + 1)
-            if blocked or sums[-1] >= s.max_batch_size or waited_enough:
+            # Waiting cannot grow the batch when every caller seen lately is already here (queued or computing).
+            nobody_else = not s.hold_lone_requests and self.pending >= self._concurrency.peak
+            if blocked or sums[-1] >= s.max_batch_size or waited_enough or nobody_else:
                 preferred = [i for i, rows in enumerate(sums) if rows in s.preferred_batch_sizes]
                 return self._take(preferred[-1] + 1 if preferred else len(sums))
             # Wait for more requests, but no longer than the oldest request's arrival + delay.
@@ -277,6 +313,7 @@ class DynamicBatcher:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(self._executor, self._run_batch, feeds, names)
             compute_s = self._clock() - start
+            self._concurrency.computed(compute_s)
             if self.settings.max_batch_size > 0:
                 for n in names:
                     if results[n].shape[0] != rows:

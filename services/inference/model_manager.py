@@ -139,6 +139,10 @@ def _check_against_session(kind: str, specs: list[TensorSpec], node_args, max_ba
             raise ValueError(f"the ONNX graph needs {kind}s {missing} that config.pbtxt does not declare")
 
 
+def _parameter(config: ModelConfig, key: str) -> str:
+    return config.parameters[key].string_value.strip() if key in config.parameters else ""
+
+
 def batcher_settings(config: ModelConfig, instances: int) -> BatcherSettings:
     """The config's dynamic_batching as batcher settings; without dynamic_batching requests still run in
     batches of one (Triton's default scheduler)."""
@@ -153,6 +157,7 @@ def batcher_settings(config: ModelConfig, instances: int) -> BatcherSettings:
         default_timeout_us=int(policy.default_timeout_microseconds),
         allow_timeout_override=bool(policy.allow_timeout_override),
         instances=instances,
+        hold_lone_requests=_parameter(config, "cxr.hold_lone_requests").lower() == "true",
     )
 
 
@@ -303,11 +308,12 @@ class ModelManager:
             batch = [1] if config.max_batch_size > 0 else []
             pool.warm_up({s.name: np.zeros(batch + [d if d > 0 else 1 for d in s.dims], dtype=s.dtype) for s in inputs})
         log.info(
-            "model %s version %s loaded on %s (%d instance(s), sha256 %s)",
+            "model %s version %s loaded on %s (%d instance(s) x %d intra-op thread(s), sha256 %s)",
             config.name,
             version,
             pool.providers,
             pool.count,
+            pool.threads,
             sha256[:12],
         )
         return ModelVersion(config.name, version, config, labels, sha256, pool, inputs, outputs)

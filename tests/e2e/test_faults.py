@@ -18,6 +18,7 @@ from bench.load import ClassifyLoad
 from cxr.generated.inference import grpc_service_pb2 as ipb
 from cxr.generated.inference import grpc_service_pb2_grpc as ipb_grpc
 from tests.gateway import processes
+from tests.inference.server_process import with_queue_delay
 
 pytestmark = pytest.mark.slow
 MODEL = "custom_cnn"
@@ -260,9 +261,7 @@ def test_upstream_cancelled_is_retried_on_another_replica(trained_repository: Pa
     slow = tmp_path / "slow-repository"
     shutil.copytree(trained_repository / MODEL, slow / MODEL)
     config = slow / MODEL / "config.pbtxt"
-    config.write_text(
-        config.read_text().replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 20000000")
-    )
+    config.write_text(with_queue_delay(config.read_text(), 20_000_000))
     stopping = processes.start_inference(slow, tmp_path / "a", extra=[*EXPLICIT, "--grace-period", "0.5"])
     staying = processes.start_inference(trained_repository, tmp_path / "b", extra=EXPLICIT)
     gateway = processes.start_gateway(

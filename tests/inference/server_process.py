@@ -34,3 +34,10 @@ def start_server(repository: Path, workdir: Path, *args: str, env: dict | None =
         env={"OMP_NUM_THREADS": "1", "CXR_INFERENCE_INTRA_OP_THREADS": "1", **(env or {})},
         timeout=SERVER_START_TIMEOUT_S,
     )
+
+
+def with_queue_delay(config_text: str, delay_us: int) -> str:
+    """config.pbtxt text with a longer batching delay that a request alone waits too (cxr.hold_lone_requests,
+    Triton's behaviour; by default a lone request runs at once, as nothing can join its batch)."""
+    config_text = config_text.replace("max_queue_delay_microseconds: 500", f"max_queue_delay_microseconds: {delay_us}")
+    return config_text + 'parameters {\n  key: "cxr.hold_lone_requests"\n  value {\n    string_value: "true"\n  }\n}\n'

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from services.common.errors import ServiceError
-from services.inference.batcher import BatcherSettings, DynamicBatcher
+from services.inference.batcher import BatcherSettings, DynamicBatcher, _Concurrency
 from tests import toy_model
 
 OUTPUTS = ["probabilities", "logits", "cam"]
@@ -66,12 +66,21 @@ def rows(images, *indices):
     return images[list(indices)]
 
 
+async def seen_callers(batcher, model, images, callers: int) -> None:
+    """Let the batcher see `callers` requests in flight at once, as it would with that many clients, so that it
+    waits for them (alone, a caller is never held for the delay); the model's records are then cleared."""
+    await asyncio.gather(*(batcher.infer({"image": rows(images, i % 6)}, 1, ["logits"]) for i in range(callers)))
+    model.batches.clear()
+    model.inputs_seen.clear()
+
+
 def test_timer_runs_from_the_first_requests_arrival(model, images):
     """A request arriving 0.25 s after the first joins its batch, which leaves 0.5 s after the *first* arrival
     (a timer restarted by the second arrival, MLServer's old bug, would hold the first request 0.75 s)."""
 
     async def scenario():
         batcher = make(model, max_queue_delay_us=500_000)
+        await seen_callers(batcher, model, images, 3)
         first = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["probabilities"]))
         await asyncio.sleep(0.25)
         second = asyncio.create_task(batcher.infer({"image": rows(images, 1)}, 1, ["probabilities"]))
@@ -168,9 +177,75 @@ def test_a_preferred_batch_size_runs_at_once_without_waiting_for_the_delay(model
     assert elapsed < 10, "a preferred batch must not wait for the 20 s queue delay"
 
 
+def test_a_caller_alone_is_not_held_for_the_delay(model, images):
+    """One client, request after request: no other request can join its batch, so none waits the 20 s delay."""
+
+    async def scenario():
+        batcher = make(model, max_queue_delay_us=20_000_000)
+        start = time.monotonic()
+        results = [await batcher.infer({"image": rows(images, i)}, 1, ["logits"]) for i in range(3)]
+        elapsed = time.monotonic() - start
+        await batcher.close()
+        return results, elapsed
+
+    results, elapsed = asyncio.run(scenario())
+    assert model.batches == [1, 1, 1]
+    assert elapsed < 10, "a lone caller must not wait for the 20 s queue delay"
+
+
+def test_hold_lone_requests_waits_the_delay_as_triton_does(model, images):
+    """cxr.hold_lone_requests: a request alone still waits the whole delay for company."""
+
+    async def scenario():
+        batcher = make(model, max_queue_delay_us=300_000, hold_lone_requests=True)
+        result = await batcher.infer({"image": rows(images, 0)}, 1, ["logits"])
+        await batcher.close()
+        return result
+
+    assert asyncio.run(scenario()).queue_s >= 0.29
+
+
+def test_a_batch_runs_as_soon_as_every_recent_caller_is_back(model, images):
+    """Three callers seen; they come back one by one: the batch waits for the third (not for the 20 s delay)."""
+
+    async def scenario():
+        batcher = make(model, max_queue_delay_us=20_000_000)
+        await seen_callers(batcher, model, images, 3)
+        start = time.monotonic()
+        tasks = []
+        for i in range(3):
+            tasks.append(asyncio.create_task(batcher.infer({"image": rows(images, i)}, 1, ["logits"])))
+            await asyncio.sleep(0.05)
+        results = await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - start
+        await batcher.close()
+        return results, elapsed
+
+    results, elapsed = asyncio.run(scenario())
+    assert model.batches == [3], "the first two must wait for the third caller, then all run as one batch"
+    assert elapsed < 10
+
+
+def test_the_callers_seen_are_forgotten_after_a_quiet_window():
+    """The peak of requests in flight lasts one to two windows (at least 1 s, or four batch computations)."""
+    seen = _Concurrency(window_s=1.0)
+    seen.seen(5, now=0.0)
+    seen.seen(1, now=1.5)  # a new window: the last one's peak still counts
+    assert seen.peak == 5
+    seen.seen(1, now=2.6)
+    assert seen.peak == 1
+    seen.seen(1, now=10.0)  # more than two windows of silence: nothing from before
+    assert seen.peak == 1
+    seen.computed(3.0)  # a slow model: its callers come back only after a long batch
+    seen.seen(6, now=11.0)
+    seen.seen(1, now=20.0)
+    assert seen.peak == 6, "a window is four batch computations long for a slow model"
+
+
 def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(model, images):
     async def scenario():
         batcher = make(model, max_queue_delay_us=600_000)
+        await seen_callers(batcher, model, images, 4)
         loop_deadline = time.monotonic() + 0.1
         short = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["logits"], deadline=loop_deadline))
         patient = asyncio.create_task(batcher.infer({"image": rows(images, 1, 2)}, 2, ["logits"]))
@@ -194,6 +269,7 @@ def test_queue_policy_timeout_and_its_override(model, images):
 
     async def scenario(allow):
         batcher = make(model, max_queue_delay_us=400_000, default_timeout_us=5_000_000, allow_timeout_override=allow)
+        await seen_callers(batcher, model, images, 2)
         outcome = await asyncio.gather(
             batcher.infer({"image": rows(images, 0)}, 1, ["logits"], timeout_us=100_000), return_exceptions=True
         )
@@ -208,18 +284,20 @@ def test_queue_policy_timeout_and_its_override(model, images):
 
     async def default_only():
         batcher = make(model, max_queue_delay_us=400_000, default_timeout_us=100_000)
+        await seen_callers(batcher, model, images, 2)
         outcome = await asyncio.gather(batcher.infer({"image": rows(images, 0)}, 1, ["logits"]), return_exceptions=True)
         await batcher.close()
         return outcome[0]
 
     dropped = asyncio.run(default_only())
     assert isinstance(dropped, ServiceError) and dropped.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert model.batches == [1]
+    assert model.batches == [], "the timed-out request must not be computed"
 
 
 def test_a_cancelled_request_costs_nothing_and_harms_no_other(model, images):
     async def scenario():
         batcher = make(model, max_queue_delay_us=300_000)
+        await seen_callers(batcher, model, images, 3)
         cancelled = asyncio.create_task(batcher.infer({"image": rows(images, 0)}, 1, ["logits"]))
         kept = asyncio.create_task(batcher.infer({"image": rows(images, 3, 4)}, 2, ["logits"]))
         await asyncio.sleep(0.05)

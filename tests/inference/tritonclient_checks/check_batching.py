@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from inference.server_process import start_server
+from inference.server_process import start_server, with_queue_delay
 from inference.tritonclient_checks.triton_helpers import image_input
 
 QUEUE_DELAY_S = 1.0
@@ -20,15 +20,13 @@ QUEUE_DELAY_S = 1.0
 
 @pytest.fixture(scope="module")
 def batching_server(served_repository, tmp_path_factory):
-    """resnet50 waits up to 1 s to fill a batch, holds at most 3 queued requests, and lets a request's own
-    timeout shorten its wait. mobilenet keeps the exported defaults (to compare answers against)."""
+    """resnet50 waits up to 1 s to fill a batch (a request alone too), holds at most 3 queued requests, and lets a
+    request's own timeout shorten its wait. mobilenet keeps the exported defaults (to compare answers against)."""
     repo = tmp_path_factory.mktemp("batching") / "model_repository"
     shutil.copytree(served_repository, repo)
     config_path = repo / "resnet50" / "config.pbtxt"
     config = config_path.read_text()
-    config = config.replace(
-        "max_queue_delay_microseconds: 500", f"max_queue_delay_microseconds: {int(QUEUE_DELAY_S * 1e6)}"
-    )
+    config = with_queue_delay(config, int(QUEUE_DELAY_S * 1e6))
     config = config.replace("max_queue_size: 256", "max_queue_size: 3\n    allow_timeout_override: true")
     config_path.write_text(config)
     handle = start_server(repo, tmp_path_factory.mktemp("server"), "--model-control", "explicit", "--load-model", "*")

@@ -17,6 +17,7 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from inference.server_process import with_queue_delay
 from inference.tritonclient_checks.check_batching import batching_server  # noqa: F401 - a fixture
 from inference.tritonclient_checks.check_protocol import MODELS, read_labels, sha256_file
 from inference.tritonclient_checks.triton_helpers import image_input as grpc_image_input
@@ -254,9 +255,7 @@ def test_sigterm_drains_http_requests_as_grpc_ones(own_repository, radiographs, 
     from inference.server_process import start_server
 
     config_path = own_repository / "mobilenet" / "config.pbtxt"
-    config_path.write_text(
-        config_path.read_text().replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 2000000")
-    )
+    config_path.write_text(with_queue_delay(config_path.read_text(), 2_000_000))
     server = start_server(own_repository, tmp_path / "server", "--grace-period", "20")
     client = triton.InferenceServerClient(f"127.0.0.1:{server.http_port}", concurrency=4, network_timeout=60)
     try:

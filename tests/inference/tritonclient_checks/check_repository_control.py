@@ -13,7 +13,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from inference.server_process import start_server
+from inference.server_process import start_server, with_queue_delay
 from inference.tritonclient_checks.triton_helpers import expect_error, image_input
 
 
@@ -115,7 +115,7 @@ def test_reload_swaps_atomically_and_running_requests_finish_on_the_old_version(
     config_path = own_repository / "custom_cnn" / "config.pbtxt"
     config = config_path.read_text()
     assert "max_queue_delay_microseconds: 500" in config
-    config_path.write_text(config.replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 800000"))
+    config_path.write_text(with_queue_delay(config, 800_000))
     server = start_server(own_repository, tmp_path / "server", "--model-control", "explicit", "--load-model", "*")
     try:
         with triton.InferenceServerClient(server.address) as client:

@@ -12,16 +12,14 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from inference.server_process import start_server
+from inference.server_process import start_server, with_queue_delay
 from inference.tritonclient_checks.triton_helpers import image_input
 
 
 def test_sigterm_turns_readiness_off_first_and_drains_queued_requests(own_repository, radiographs, tmp_path):
     config_path = own_repository / "mobilenet" / "config.pbtxt"
     # Requests wait 2 s in the queue: they are still queued when SIGTERM arrives.
-    config_path.write_text(
-        config_path.read_text().replace("max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 2000000")
-    )
+    config_path.write_text(with_queue_delay(config_path.read_text(), 2_000_000))
     server = start_server(own_repository, tmp_path / "server", "--grace-period", "20")
     with triton.InferenceServerClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
