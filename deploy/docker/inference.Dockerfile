@@ -2,12 +2,15 @@
 #
 #   docker build -f deploy/docker/inference.Dockerfile -t cxr/inference .
 #
-# onnxruntime-gpu 1.23 from PyPI is built against CUDA 12.x and cuDNN 9, which this default base provides; on a
-# machine without a GPU the same image runs on onnxruntime's CPU provider. Any base with python3 >= 3.11, or with
-# apt and a python3 >= 3.11 package (as Ubuntu 24.04 has), works: BASE_IMAGE=python:3.11-slim gives a CPU-only image.
+# On this default CUDA base the image gets onnxruntime-gpu (the [inference-gpu] extra, built against CUDA 12.x and
+# cuDNN 9, which the base provides; without a GPU it still runs on the CPU provider). On a base without CUDA
+# (BASE_IMAGE=python:3.11-slim) it gets the CPU build, onnxruntime ([inference]), which is what CPU serving should
+# run: never both, they share one package folder. ONNXRUNTIME=cpu|gpu overrides the choice. Any base with
+# python3 >= 3.11, or with apt and a python3 >= 3.11 package (as Ubuntu 24.04 has), works.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 # `:-` as well: docker-compose passes BASE_IMAGE as an empty build arg when it is unset in the environment
 FROM ${BASE_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04}
+ARG ONNXRUNTIME=auto
 LABEL org.opencontainers.image.title="cxr-inference" \
       org.opencontainers.image.description="KServe v2 / Triton-compatible gRPC inference over onnxruntime for chest X-ray classifiers. Research software: not for clinical use." \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -26,13 +29,16 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes, not on every code change.
-# sympy (80 MB) comes with onnxruntime-gpu for its offline shape-inference tools only; serving never imports it.
-# pyproject.toml alone makes an empty project whose install brings the base dependencies and the [inference] extra;
+# sympy (80 MB) comes with onnxruntime for its offline shape-inference tools only; serving never imports it.
+# pyproject.toml alone makes an empty project whose install brings the base dependencies and the inference extra;
 # the empty project itself is uninstalled again, and the real one is installed below, without dependencies.
 COPY pyproject.toml /tmp/build/
-RUN touch /tmp/build/README.md \
+RUN extra=inference \
+ && if [ "$ONNXRUNTIME" = gpu ] || { [ "$ONNXRUNTIME" = auto ] && [ -d /usr/local/cuda ]; }; then extra=inference-gpu; fi \
+ && echo "onnxruntime build: [$extra]" \
+ && touch /tmp/build/README.md \
  && pip install "setuptools>=68" wheel \
- && pip install --no-build-isolation "/tmp/build[inference]" \
+ && pip install --no-build-isolation "/tmp/build[$extra]" \
  && pip uninstall -y cxr \
  && pip uninstall -y sympy mpmath \
  && rm -rf /tmp/build

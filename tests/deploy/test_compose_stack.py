@@ -261,6 +261,10 @@ def test_images_run_non_root_without_torch(stack: Stack):
         done = docker("run", "--rm", "--entrypoint", "python", image, "-c", probe, env=stack.env)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["True", "True", str(has_onnxruntime)], f"{image}: {done.stdout}"
+    # On a base without CUDA (the local stand-in), the inference image has onnxruntime's CPU build, and only it
+    builds = "import importlib.metadata as m; print(sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].startswith('onnxruntime')))"
+    done = docker("run", "--rm", "--entrypoint", "python", stack.image("inference"), "-c", builds, env=stack.env)
+    assert done.returncode == 0 and done.stdout.strip() == "['onnxruntime']", done.stdout + done.stderr
     print("\nimage sizes: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in sizes.items()))
 
 
