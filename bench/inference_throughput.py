@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""Inference service throughput vs raw onnxruntime, measured in one run on the same machine.
+"""Inference service throughput vs raw onnxruntime, measured in one run on the same machine, per model.
 
-1. Raw: onnxruntime alone on the same model file, same intra-op threads, at batch sizes 1..max_batch_size;
-   the best batch size is the baseline's.
-2. Service: `cxr serve inference` as a subprocess (its dynamic batcher as config.pbtxt says), driven by N
-   concurrent clients that each send one image per request, back to back (N = 1, 8, 32, 64).
-   Each round measures raw at the best batch size, then the service; the ratio is taken within a round (a
-   shared machine's load drifts), and the table gives medians over the rounds.
-Prints throughput, p50/p99 latency and the ratio to raw. Target: >= 0.9 of raw at N = 32.
+1. Raw: onnxruntime alone on the same model file with all the CPUs' threads, at batch sizes 1..max_batch_size,
+   with spinning idle threads and without; the best batch size and the faster of the two are the baseline.
+2. In process, batch 1: the latency of one image through a session shaped as one of the service's instances
+   (its intra_op_thread_count), the call a lone request makes, so the service's p50 at one client shows the hop.
+3. Service: `cxr serve inference` as a subprocess with the model's config as exported (its serving shape and
+   dynamic batcher), driven by N concurrent clients that each send one image per request, back to back
+   (N = 1, 8, 32, 64). Each round measures raw at the best batch size, then the service; the ratio is taken
+   within a round (a shared machine's load drifts), and the table gives medians over the rounds.
+Prints throughput, p50/p99 latency, CPU ms per image and the ratio to raw. Bar: >= 0.9 of raw at N = 32 and 64;
+p50 at N = 1 within 2 ms of the in-process call.
 
-    python bench/inference_throughput.py [--repository DIR] [--model resnet50] [--threads 2] [--duration 10]
+    python bench/inference_throughput.py [--repository DIR] [--models mobilenet,resnet50] [--duration 3]
 
 Repository: --repository, else ./model_repository when present, else a small one trained here on real radiographs
 (training.testing.build_test_repository, 64x64 models; needs the [train] extra). The clients run in this process
-and share the machine's cores with the server, as a sidecar or a gateway on the same node would.
+and share the machine's cores with the server, as a sidecar or a gateway on the same node would; CPU ms per image
+counts the server process only.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import latency_summary, pick_repository, served_model  # noqa: E402
 from cxr import repository  # noqa: E402
+from cxr.cpus import available_cpus  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
 
@@ -66,6 +71,18 @@ class RawModel:
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.outputs = [OUTPUT]  # the same output the clients ask the service for
         self.images = images
+
+    def latency_p50_ms(self, seconds: float) -> float:
+        """Median time of one single-image call, back to back."""
+        feed = {"image": self.images[:1]}
+        for _ in range(3):
+            self.session.run(self.outputs, feed)
+        times, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            self.session.run(self.outputs, feed)
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
 
     def throughput(self, batch: int, seconds: float) -> float:
         feed = {"image": np.resize(self.images, (batch, *self.images.shape[1:]))}
@@ -172,15 +189,161 @@ async def drive(port: int, model: str, images: np.ndarray, clients: int, seconds
     return {**latency_summary(latencies, elapsed, clients, errors), "per_cpu_s": len(latencies) / max(cpu, 1e-9)}
 
 
+def served_shape(config) -> tuple[int, int]:
+    """(instances, intra-op threads per instance) the service runs the model with (sessions.py's rule)."""
+    instances = sum(max(g.count, 1) for g in config.instance_group) or 1
+    value = (
+        config.parameters["intra_op_thread_count"].string_value if "intra_op_thread_count" in config.parameters else ""
+    )
+    return instances, int(value) if value.strip() else max(1, available_cpus() // instances)
+
+
+def measure_model(repo: Path, name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    chosen = served_model(repo, name, preferred="resnet50")
+    model, version, config, model_path, size = chosen.name, chosen.version, chosen.config, chosen.path, chosen.size
+    images = load_images(size)
+    served = repo
+    if args.instances:  # another serving shape than the exported one, for comparison
+        import shutil
+
+        served = workdir / f"served-{model}"
+        shutil.copytree(repo / model, served / model)
+        kind = config.instance_group[0].kind if config.instance_group else 0
+        del config.instance_group[:]
+        config.instance_group.add(count=args.instances, kind=kind)
+        per_instance = args.instance_threads or max(1, args.threads // args.instances)
+        config.parameters["intra_op_thread_count"].string_value = str(per_instance)
+        repository.write_config(served / model, config)
+    instances, per_instance = served_shape(config)
+    batching = config.dynamic_batching
+    print(
+        f"\nmodel {model} v{version} ({size}x{size}, max_batch_size {config.max_batch_size}, "
+        f"max_queue_delay {batching.max_queue_delay_microseconds} us); service: {instances} instance(s) x "
+        f"{per_instance} intra-op thread(s); raw: {args.threads} threads; {available_cpus()} usable CPUs; "
+        f"{platform.processor() or platform.machine()}",
+        flush=True,
+    )
+
+    raw_model = RawModel(model_path, images, args.threads)
+    sweep = {}
+    batch = 1
+    while batch <= max(1, config.max_batch_size):
+        sweep[batch] = raw_model.throughput(batch, args.raw_duration)
+        print(f"  raw onnxruntime batch {batch:3d}: {sweep[batch]:8.1f} images/s", flush=True)
+        batch *= 2
+    best_batch = max(sweep, key=sweep.get)
+    # The baseline is raw at its best: with onnxruntime's default spinning threads, or without, whichever is faster.
+    # Alternating measurements, compared by their medians: one pair alone is at the mercy of the machine's load.
+    quiet = RawModel(model_path, images, args.threads, spin_wait=False)
+    pairs = [
+        (raw_model.throughput(best_batch, args.raw_duration), quiet.throughput(best_batch, args.raw_duration))
+        for _ in range(3)
+    ]
+    spinning_rate = statistics.median(s for s, _ in pairs)
+    quiet_rate = statistics.median(q for _, q in pairs)
+    print(
+        f"  raw at batch {best_batch} (median of 3): spinning threads {spinning_rate:.1f}, sleeping threads "
+        f"{quiet_rate:.1f} images/s",
+        flush=True,
+    )
+    if quiet_rate >= spinning_rate:
+        raw_model = quiet
+    # The in-process call a lone request makes: one image, one session shaped as one of the service's instances.
+    in_process = RawModel(model_path, images, per_instance, spin_wait=False)
+    in_process_p50 = statistics.median(in_process.latency_p50_ms(args.raw_duration / 2) for _ in range(3))
+    print(f"  in process, batch 1, {per_instance} thread(s): p50 {in_process_p50:.2f} ms", flush=True)
+    del in_process, quiet
+
+    server = start_server(served, workdir / f"server-{model}", args.threads, args.server_arg)
+    port = server.port
+    rows = []
+    try:
+        for clients in (int(c) for c in args.clients.split(",")):
+            rounds = []
+            rows_before, batches_before = execution_counts(port, model)
+            for _ in range(args.rounds):
+                raw = raw_model.throughput(best_batch, args.duration / 2)
+                service = asyncio.run(drive(port, model, images, clients, args.duration, server.process.pid))
+                service["cpu_ratio"] = service["per_cpu_s"] / raw_model.last_per_cpu_s
+                rounds.append((raw, service))
+                print(
+                    f"  N={clients:3d}: raw {raw:8.1f}  service {service['throughput']:8.1f} images/s  "
+                    f"ratio {service['throughput'] / raw:.2f}  p50 {service['p50_ms']:7.2f} ms  "
+                    f"p99 {service['p99_ms']:7.2f} ms  CPU {1e3 / service['per_cpu_s']:.2f} ms/image (raw "
+                    f"{1e3 / raw_model.last_per_cpu_s:.2f})  errors {service['errors']}",
+                    flush=True,
+                )
+            ratios = [s["throughput"] / r for r, s in rounds]
+            rows_after, batches_after = execution_counts(port, model)
+            rows.append(
+                {
+                    "clients": clients,
+                    "raw": statistics.median(r for r, _ in rounds),
+                    "throughput": statistics.median(s["throughput"] for _, s in rounds),
+                    "p50_ms": statistics.median(s["p50_ms"] for _, s in rounds),
+                    "p99_ms": statistics.median(s["p99_ms"] for _, s in rounds),
+                    "ratio": statistics.median(ratios),
+                    "ratio_range": [min(ratios), max(ratios)],
+                    "cpu_ms": statistics.median(1e3 / s["per_cpu_s"] for _, s in rounds),
+                    "errors": sum(s["errors"] for _, s in rounds),
+                    "mean_batch": (rows_after - rows_before) / max(batches_after - batches_before, 1),
+                }
+            )
+    finally:
+        server.stop(60)
+    return {
+        "model": model,
+        "version": version,
+        "size": size,
+        "shape": [instances, per_instance],
+        "raw_threads": args.threads,
+        "raw_sweep": sweep,
+        "best_batch": best_batch,
+        "raw_spinning": raw_model.spin_wait,
+        "raw_cpu_ms": 1e3 / raw_model.last_per_cpu_s,
+        "in_process_p50_ms": in_process_p50,
+        "service": rows,
+    }
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    best = result["best_batch"]
+    instances, per_instance = result["shape"]
+    print(
+        f"\n{result['model']} v{result['version']} ({result['size']}x{result['size']}): raw onnxruntime sweep "
+        "(images/s by batch size): "
+        + ", ".join(f"{b}: {v:.1f}" for b, v in result["raw_sweep"].items())
+        + f"; baseline: batch {best}, {result['raw_threads']} threads, "
+        f"{'spinning' if result['raw_spinning'] else 'sleeping'} idle threads (the faster), "
+        f"{result['raw_cpu_ms']:.2f} CPU ms/image; service {instances} x {per_instance}; in-process batch-1 p50 "
+        f"{result['in_process_p50_ms']:.2f} ms"
+    )
+    print(
+        f"| clients | raw images/s (batch {best}) | service images/s | ratio to raw (min-max) | p50 ms | p99 ms "
+        "| server CPU ms/image | mean batch | errors |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in result["service"]:
+        print(
+            f"| {row['clients']} | {row['raw']:.1f} | {row['throughput']:.1f} | {row['ratio']:.2f} "
+            f"({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
+            f"| {row['cpu_ms']:.2f} | {row['mean_batch']:.1f} | {row['errors']} |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", help="model repository (default: ./model_repository, else train a small one)")
-    parser.add_argument("--model", default=None, help="model to serve (default: resnet50 when present, else the first)")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="models to measure, comma-separated (default: resnet50 when present, else the first)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="onnxruntime intra-op threads, for raw and for the service alike",
+        default=available_cpus(),
+        help="raw onnxruntime's intra-op threads (default: all usable CPUs)",
     )
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent single-image clients to measure")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of service load per round")
@@ -190,152 +353,36 @@ def main() -> int:
         "--instances",
         type=int,
         default=0,
-        help="serve a copy of the model with this instance_group count, each instance with "
-        "threads/instances intra-op threads (default: the model's config as it is)",
+        help="serve a copy of the model with this instance_group count instead of its exported shape",
+    )
+    parser.add_argument(
+        "--instance-threads",
+        type=int,
+        default=0,
+        help="with --instances: intra-op threads each (default: threads/instances)",
     )
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for `cxr serve inference`")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
+    import onnxruntime
+
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         workdir = Path(tmp)
         repo = pick_repository(args.repository, workdir)
-        chosen = served_model(repo, args.model, preferred="resnet50")
-        model, version, config, model_path, size = chosen.name, chosen.version, chosen.config, chosen.path, chosen.size
-        images = load_images(size)
-        batching = config.dynamic_batching
-        print(
-            f"model {model} v{version} ({size}x{size}, max_batch_size {config.max_batch_size}, "
-            f"max_queue_delay {batching.max_queue_delay_microseconds} us, instances "
-            f"{sum(g.count for g in config.instance_group) or 1}); {args.threads} intra-op threads; "
-            f"{os.cpu_count()} CPUs; {platform.processor() or platform.machine()}",
-            flush=True,
-        )
+        names = args.models.split(",") if args.models else [None]
+        results = [measure_model(repo, name, args, workdir) for name in names]
 
-        raw_model = RawModel(model_path, images, args.threads)
-        sweep = {}
-        batch = 1
-        while batch <= max(1, config.max_batch_size):
-            sweep[batch] = raw_model.throughput(batch, args.raw_duration)
-            print(f"  raw onnxruntime batch {batch:3d}: {sweep[batch]:8.1f} images/s", flush=True)
-            batch *= 2
-        best_batch = max(sweep, key=sweep.get)
-        # The baseline is raw at its best: with onnxruntime's default spinning threads, or without, whichever is faster.
-        # Alternating measurements, compared by their medians: one pair alone is at the mercy of the machine's load.
-        quiet = RawModel(model_path, images, args.threads, spin_wait=False)
-        pairs = [
-            (raw_model.throughput(best_batch, args.raw_duration), quiet.throughput(best_batch, args.raw_duration))
-            for _ in range(3)
-        ]
-        spinning_rate = statistics.median(s for s, _ in pairs)
-        quiet_rate = statistics.median(q for _, q in pairs)
-        print(
-            f"  raw at batch {best_batch} (median of 3): spinning threads {spinning_rate:.1f}, sleeping threads "
-            f"{quiet_rate:.1f} images/s",
-            flush=True,
-        )
-        if quiet_rate >= spinning_rate:
-            raw_model = quiet
-
-        # On a shared machine the load changes from minute to minute: each round measures raw (at the best batch
-        # size) and then the service right after it, and the ratio is taken within the round.
-        served = repo
-        if args.instances:  # same total threads, split over several sessions that run batches side by side
-            import shutil
-
-            served = workdir / "served"
-            shutil.copytree(repo / model, served / model)
-            kind = config.instance_group[0].kind if config.instance_group else 0
-            del config.instance_group[:]
-            config.instance_group.add(count=args.instances, kind=kind)
-            config.parameters["intra_op_thread_count"].string_value = str(max(1, args.threads // args.instances))
-            repository.write_config(served / model, config)
-            print(
-                f"  service: {args.instances} instances x {max(1, args.threads // args.instances)} intra-op threads",
-                flush=True,
-            )
-        server = start_server(served, workdir, args.threads, args.server_arg)
-        port = server.port
-        rows = []
-        try:
-            for clients in (int(c) for c in args.clients.split(",")):
-                rounds = []
-                rows_before, batches_before = execution_counts(port, model)
-                for _ in range(args.rounds):
-                    raw = raw_model.throughput(best_batch, args.duration / 2)
-                    service = asyncio.run(drive(port, model, images, clients, args.duration, server.process.pid))
-                    service["cpu_ratio"] = service["per_cpu_s"] / raw_model.last_per_cpu_s
-                    rounds.append((raw, service))
-                    print(
-                        f"  N={clients:3d}: raw {raw:8.1f}  service {service['throughput']:8.1f} images/s  "
-                        f"ratio {service['throughput'] / raw:.2f}  p50 {service['p50_ms']:7.2f} ms  "
-                        f"p99 {service['p99_ms']:7.2f} ms  server CPU efficiency {service['cpu_ratio']:.2f}  "
-                        f"errors {service['errors']}",
-                        flush=True,
-                    )
-                ratios = [s["throughput"] / r for r, s in rounds]
-                rows_after, batches_after = execution_counts(port, model)
-                mean_batch = (rows_after - rows_before) / max(batches_after - batches_before, 1)
-                rows.append(
-                    {
-                        "clients": clients,
-                        "raw": statistics.median(r for r, _ in rounds),
-                        "throughput": statistics.median(s["throughput"] for _, s in rounds),
-                        "p50_ms": statistics.median(s["p50_ms"] for _, s in rounds),
-                        "p99_ms": statistics.median(s["p99_ms"] for _, s in rounds),
-                        "ratio": statistics.median(ratios),
-                        "ratio_range": [min(ratios), max(ratios)],
-                        "cpu_ratio": statistics.median(s["cpu_ratio"] for _, s in rounds),
-                        "errors": sum(s["errors"] for _, s in rounds),
-                        "mean_batch": mean_batch,
-                    }
-                )
-        finally:
-            server.stop(60)
-
-    print()
+    print(f"\nonnxruntime {onnxruntime.__version__}, CPUExecutionProvider; {available_cpus()} usable CPUs")
     print(
-        "raw onnxruntime sweep (images/s by batch size): "
-        + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items())
-        + f"; best batch {best_batch}"
+        f"median of {args.rounds} rounds of {args.duration:g} s; each ratio is service / raw measured in the same round; "
+        "server CPU ms/image counts the server process only (the clients run in this one)"
     )
-    print(
-        f"raw baseline: batch {best_batch}, {args.threads} intra-op threads, "
-        f"{'spinning' if raw_model.spin_wait else 'sleeping'} idle threads (the faster)"
-    )
-    print(
-        f"median of {args.rounds} rounds of {args.duration:g} s; each ratio is service / raw measured in the same round"
-    )
-    print(
-        "server CPU efficiency: images per CPU-second of the server process against raw onnxruntime's (clients "
-        "excluded); other processes on a shared machine disturb it less than wall-clock throughput"
-    )
-    print(
-        f"| clients | raw images/s (batch {best_batch}) | service images/s | p50 ms | p99 ms | ratio to raw (min-max) "
-        "| server CPU efficiency | mean batch | errors |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(
-            f"| {row['clients']} | {row['raw']:.1f} | {row['throughput']:.1f} | {row['p50_ms']:.2f} | "
-            f"{row['p99_ms']:.2f} | {row['ratio']:.2f} ({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) "
-            f"| {row['cpu_ratio']:.2f} | {row['mean_batch']:.1f} | {row['errors']} |"
-        )
+    for result in results:
+        report(result, args)
     print("\nCPU only (onnxruntime CPUExecutionProvider); a CUDA run needs a GPU machine.")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "model": model,
-                    "version": version,
-                    "threads": args.threads,
-                    "raw_sweep": sweep,
-                    "best_batch": best_batch,
-                    "service": rows,
-                },
-                indent=2,
-            )
-        )
+        Path(args.json).write_text(json.dumps({"onnxruntime": onnxruntime.__version__, "models": results}, indent=2))
     return 0
 
 
