@@ -11,6 +11,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	@# CPU onnxruntime here; a venv made when we installed onnxruntime-gpu must lose both (they share one folder)
+	if $(BIN)/pip show -q onnxruntime-gpu 2>/dev/null; then $(BIN)/pip uninstall -y -q onnxruntime-gpu onnxruntime; fi
 	$(BIN)/pip install -q -e '.[train,dev]'
 	touch $(STAMP)
 
