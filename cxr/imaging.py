@@ -175,7 +175,8 @@ def lookup_to_uint8(pixels: np.ndarray, mapping: Callable[[np.ndarray], np.ndarr
     values that occur, so a min/max or finiteness check inside it judges the image as a whole-image pass would."""
     if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
         raise TypeError(f"a lookup table needs 8- or 16-bit integer pixels, not {pixels.dtype}")
-    words = pixels.view(f"u{pixels.dtype.itemsize}")  # signed values index the table by their bit pattern
+    # signed values index the table by their bit pattern (the same byte order: a view, no copy)
+    words = pixels.view(pixels.dtype.str.replace("i", "u"))
     if words.dtype == np.uint8:
         counts = Image.fromarray(np.ascontiguousarray(words)).histogram()  # ~3x faster than np.bincount here
     else:
