@@ -93,10 +93,9 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     try:
         # the strict decode's pixels are the image when they need no reinterpretation (unsigned 8-bit)
         use_strict = strict is not None and _int(ds, "BitsAllocated") == 8 and _int(ds, "PixelRepresentation", 0) == 0
-        native = None if use_strict or transfer_syntax.is_compressed else _native_words(ds)
         if use_strict:
             arr, unused_bits = strict, 0
-        elif native is not None:
+        elif (native := _native_words(ds)) is not None:
             arr, unused_bits = native
         else:
             arr, unused_bits = ds.pixel_array, 0  # pydicom has cleared the unused bits
@@ -148,14 +147,15 @@ def _to_display(values: np.ndarray, ds, notices: list[str]) -> np.ndarray:
 
 def _native_words(ds) -> tuple[np.ndarray, int] | None:
     """Uncompressed little-endian pixel data as a view on the bytes (np.frombuffer), with the number of unused high
-    bits in each word; None where pydicom must read it (big endian) or would refuse it (a required element missing,
-    an invalid PixelRepresentation), so it is refused as before. The header checks are done by now.
+    bits in each word; None where pydicom must read it (compressed, big endian) or would refuse it (a required
+    element missing, an invalid PixelRepresentation), so it is refused as before. The header checks are done by now.
 
     `ds.pixel_array` would copy the buffer and clear the unused bits of every pixel; here they are cleared once per
     distinct word (`_clear_unused_bits`), exactly as pydicom does it."""
     signed = ds.get("PixelRepresentation")
     required = ds.get("BitsStored") not in (None, "") and "SamplesPerPixel" in ds and signed in (0, 1)
-    if not required or not ds.file_meta.TransferSyntaxUID.is_little_endian:
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not required or syntax.is_compressed or not syntax.is_little_endian:
         return None
     rows, cols, allocated, stored = (_int(ds, k) for k in ("Rows", "Columns", "BitsAllocated", "BitsStored"))
     dtype = np.dtype(f"<{'ui'[signed]}{allocated // 8}")  # pydicom's pixel dtype
