@@ -8,7 +8,8 @@ For each input (1024x1024 radiographs: the real NIH DICOM as stored (8-bit), the
    before and after the stack; the faster of the two is the baseline.
 2. Stack: `cxr serve inference` + `cxr serve gateway` as subprocesses; N concurrent clients send Classify
    requests with the file's bytes, back to back (N = 1, 4, 16).
-Prints images/s, p50/p99 latency, and the ratio to the in-process baseline.
+Prints images/s, p50/p99 latency, and the ratio to the in-process baseline. The decode and resize alone, per
+encoding and against the reader before issue 11: bench/decode.py (which uses these inputs too).
 
     python bench/gateway_throughput.py [--repository DIR] [--model ensemble] [--threads 2] [--duration 8]
 

@@ -13,7 +13,15 @@ import struct
 
 import numpy as np
 
-from cxr.imaging import DecodedImage, ImageError, ImageLimits, _to_uint8, check_min_size, strict_jpeg
+from cxr.imaging import (
+    DecodedImage,
+    ImageError,
+    ImageLimits,
+    _to_uint8,
+    check_min_size,
+    lookup_to_uint8,
+    strict_jpeg,
+)
 
 # ViewPosition values (DICOM CS) that mean a lateral projection; our models were trained on frontal views.
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LL_DECUBITUS", "RL_DECUBITUS"}
@@ -48,8 +56,6 @@ def read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
 
 def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     pydicom = _pydicom()
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
         ds.get("PixelData")  # parse up to and including the pixel data now, so truncation shows here
@@ -87,7 +93,12 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     try:
         # the strict decode's pixels are the image when they need no reinterpretation (unsigned 8-bit)
         use_strict = strict is not None and _int(ds, "BitsAllocated") == 8 and _int(ds, "PixelRepresentation", 0) == 0
-        arr = strict if use_strict else ds.pixel_array
+        if use_strict:
+            arr, unused_bits = strict, 0
+        elif (native := _native_words(ds)) is not None:
+            arr, unused_bits = native
+        else:
+            arr, unused_bits = ds.pixel_array, 0  # pydicom has cleared the unused bits
     except ImageError:
         raise
     except Exception as exc:  # (a decoder panic is a BaseException: read_dicom turns it into "corrupt")
@@ -95,8 +106,20 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     if arr.ndim != 2:
         raise ImageError("not_grayscale", f"DICOM pixel array has shape {arr.shape}: expected one grayscale frame")
     notices: list[str] = []
+    # everything from the stored word to the display value depends on the word alone: computed once per distinct
+    # word present, then looked up, instead of in float64 over every pixel
+    pixels = lookup_to_uint8(arr, lambda words: _to_display(_clear_unused_bits(words, unused_bits), ds, notices))
+    header = {k: v for k in HEADER_FACTS if (v := str(ds.get(k, "") or "").strip())}
+    return DecodedImage(pixels=np.ascontiguousarray(pixels), format="dicom", notices=notices, header=header)
+
+
+def _to_display(values: np.ndarray, ds, notices: list[str]) -> np.ndarray:
+    """Stored pixel values to 8-bit display values: modality rescale, VOI LUT or window, the full range of what is
+    left to 0..255, MONOCHROME1 inverted. Elementwise except for the range, taken over `values`."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     try:
-        arr = apply_modality_lut(arr, ds).astype(np.float64)
+        arr = apply_modality_lut(values, ds).astype(np.float64)
     except Exception as exc:
         raise ImageError(
             "corrupt", f"cannot apply the DICOM rescale (RescaleSlope/RescaleIntercept/LUT): {_short(exc)}"
@@ -119,8 +142,32 @@ def _read_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
         pixels = 255 - pixels
         notices.append("MONOCHROME1 inverted")
-    header = {k: v for k in HEADER_FACTS if (v := str(ds.get(k, "") or "").strip())}
-    return DecodedImage(pixels=np.ascontiguousarray(pixels), format="dicom", notices=notices, header=header)
+    return pixels
+
+
+def _native_words(ds) -> tuple[np.ndarray, int] | None:
+    """Uncompressed little-endian pixel data as a view on the bytes (np.frombuffer), with the number of unused high
+    bits in each word; None where pydicom must read it (compressed, big endian) or would refuse it (a required
+    element missing, an invalid PixelRepresentation), so it is refused as before. The header checks are done by now.
+
+    `ds.pixel_array` would copy the buffer and clear the unused bits of every pixel; here they are cleared once per
+    distinct word (`_clear_unused_bits`), exactly as pydicom does it."""
+    signed = ds.get("PixelRepresentation")
+    required = ds.get("BitsStored") not in (None, "") and "SamplesPerPixel" in ds and signed in (0, 1)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not required or syntax.is_compressed or not syntax.is_little_endian:
+        return None
+    rows, cols, allocated, stored = (_int(ds, k) for k in ("Rows", "Columns", "BitsAllocated", "BitsStored"))
+    dtype = np.dtype(f"<{'ui'[signed]}{allocated // 8}")  # pydicom's pixel dtype
+    return np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols).reshape(rows, cols), allocated - stored
+
+
+def _clear_unused_bits(words: np.ndarray, unused_bits: int) -> np.ndarray:
+    """pydicom's correction of words with BitsStored < BitsAllocated: unused high bits cleared, signed values
+    sign-extended (an arithmetic shift on the signed dtype)."""
+    if not unused_bits:
+        return words
+    return np.right_shift(np.left_shift(words, unused_bits), unused_bits)
 
 
 def _finite(arr: np.ndarray) -> bool:

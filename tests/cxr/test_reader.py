@@ -214,6 +214,22 @@ def test_resize_and_load_for_model(dicom_dir: Path):
     assert load_for_model((dicom_dir / corpus.NIH).read_bytes()).shape == (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
 
 
+def test_large_images_are_reduced_before_the_resize_within_a_few_grey_levels(dicom_dir: Path, cxr_raw_dir: Path):
+    """1024 px and larger: box-reduced first (reducing_gap), close to the full antialiased filter; images under 4x
+    the model's side, like the training data, get exactly the full filter."""
+
+    def full_filter(pixels: np.ndarray, size: int) -> np.ndarray:
+        return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+
+    for name in (corpus.NIH, corpus.J2K):
+        big = read_image_file(dicom_dir / name).pixels
+        diff = np.abs(resize_for_model(big).astype(int) - full_filter(big, DEFAULT_IMAGE_SIZE))
+        assert 0 < diff.max() <= 8 and diff.mean() < 0.5, name
+    for path in sorted((cxr_raw_dir / "Normal").glob("*.png"))[::25]:
+        pixels = read_image_file(path).pixels
+        assert np.array_equal(resize_for_model(pixels), full_filter(pixels, DEFAULT_IMAGE_SIZE)), path.name
+
+
 def test_damaged_files_give_an_image_or_an_image_error_never_anything_else(dicom_dir: Path, cxr_raw_dir: Path):
     """Fuzzing with damaged real files: no decoder exception (or Rust panic) escapes the reader."""
     files = sorted(dicom_dir.rglob("*.dcm")) + sorted((cxr_raw_dir / "Normal").glob("*.png"))[:2]
