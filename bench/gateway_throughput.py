@@ -63,7 +63,10 @@ def inputs() -> dict[str, bytes]:
     ds16.save_as(out16, enforce_file_format=True)
     png = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(png, format="PNG")
+    small = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).resize((224, 224), Image.BILINEAR).save(small, format="PNG")
     return {
+        "png 8-bit 224x224": small.getvalue(),
         "dicom 8-bit 1024x1024": original,
         "dicom 16-bit 1024x1024": out16.getvalue(),
         "png 8-bit 1024x1024": png.getvalue(),
@@ -151,6 +154,31 @@ async def drive(port: int, model: str, data: bytes, clients: int, seconds: float
     return summary
 
 
+async def model_infer(port: int, model: str, pixels: np.ndarray, seconds: float) -> dict:
+    """One client sending ModelInfer straight to the inference service, the tensor and outputs the gateway sends."""
+    import grpc
+
+    from cxr.generated.inference import grpc_service_pb2 as pb
+    from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, *pixels.shape])
+    request.raw_input_contents.append(pixels.tobytes())
+    for name in ("probabilities", "ood_score"):
+        request.outputs.add(name=name)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):
+            await stub.ModelInfer(request, timeout=60)
+        latencies, stop_at = [], time.perf_counter() + seconds
+        start_at = time.perf_counter()
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await stub.ModelInfer(request, timeout=60)
+            latencies.append(time.perf_counter() - t0)
+    return latency_summary(latencies, time.perf_counter() - start_at, 1, 0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", help="model repository (default: ./model_repository, else train a small one)")
@@ -165,6 +193,7 @@ def main() -> int:
     parser.add_argument("--decode-processes", type=int, default=0, help="gateway decode worker processes (0: threads)")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients to measure")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
+    parser.add_argument("--hop-rounds", type=int, default=5, help="alternating ModelInfer / Classify windows")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -216,6 +245,24 @@ def main() -> int:
             args.threads,
         )
         try:
+            # The hop: the gateway's p50 over ModelInfer's, one client, alternating windows of each
+            small = encoded["png 8-bit 224x224"]
+            pixels = resize_for_model(read_image(small).pixels, size)
+            hops = []
+            for _ in range(args.hop_rounds):
+                direct = asyncio.run(model_infer(inference.port, model, pixels, args.duration / 2))
+                through = asyncio.run(drive(gateway.port, model, small, 1, args.duration / 2))
+                hops.append((direct["p50_ms"], through["p50_ms"]))
+                print(
+                    f"  hop: ModelInfer p50 {direct['p50_ms']:.2f} ms, gateway Classify p50 {through['p50_ms']:.2f} ms: "
+                    f"+{through['p50_ms'] - direct['p50_ms']:.2f} ms",
+                    flush=True,
+                )
+            hop = {
+                "model_infer_p50_ms": float(np.median([d for d, _ in hops])),
+                "classify_p50_ms": float(np.median([t for _, t in hops])),
+                "added_p50_ms": float(np.median([t - d for d, t in hops])),
+            }
             for name, data in encoded.items():
                 for clients in (int(c) for c in args.clients.split(",")):
                     row = asyncio.run(drive(gateway.port, model, data, clients, args.duration))
@@ -268,10 +315,15 @@ def main() -> int:
                 f"| {name} | {row['clients']} | {row['gw_decode_ms']:.1f} | {row['gw_preprocess_ms']:.1f} | "
                 f"{row['gw_inference_ms']:.1f} | {row['gw_total_ms']:.1f} | {row['p50_ms']:.1f} |"
             )
+    print(
+        f"\nthe gateway's hop, one client, 224x224 PNG (median of {args.hop_rounds} alternating windows): ModelInfer "
+        f"straight to inference p50 {hop['model_infer_p50_ms']:.2f} ms, Classify through the gateway p50 "
+        f"{hop['classify_p50_ms']:.2f} ms: the gateway adds {hop['added_p50_ms']:.2f} ms"
+    )
     print("\nCPU only. Clients, gateway and inference share the machine's cores with each other.")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"model": model, "version": version, "size": size, "results": results}, indent=2)
+            json.dumps({"model": model, "version": version, "size": size, "hop": hop, "results": results}, indent=2)
         )
     return 0
 

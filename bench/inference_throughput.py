@@ -57,9 +57,11 @@ def load_images(size: int, count: int = 64) -> np.ndarray:
 
 
 class RawModel:
-    """onnxruntime alone on the model file: the baseline."""
+    """onnxruntime alone on the model file: the baseline. `sessions` > 1: that many sessions of `threads` threads
+    each, run side by side from as many Python threads (onnxruntime releases the GIL), as the service's
+    instances run; 1: one session."""
 
-    def __init__(self, model_path: Path, images: np.ndarray, threads: int, spin_wait: bool = True):
+    def __init__(self, model_path: Path, images: np.ndarray, threads: int, spin_wait: bool = True, sessions: int = 1):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -67,10 +69,20 @@ class RawModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.spin_wait = spin_wait
+        self.threads = threads
         self.warm: set[int] = set()
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.sessions = [
+            ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"]) for _ in range(sessions)
+        ]
+        self.session = self.sessions[0]
         self.outputs = [OUTPUT]  # the same output the clients ask the service for
         self.images = images
+
+    def describe(self) -> str:
+        spin = "spinning" if self.spin_wait else "sleeping"
+        if len(self.sessions) == 1:
+            return f"1 session x {self.threads} threads, {spin} idle threads"
+        return f"{len(self.sessions)} sessions side by side x {self.threads} thread(s)"
 
     def latency_p50_ms(self, seconds: float) -> float:
         """Median time of one single-image call, back to back."""
@@ -87,13 +99,33 @@ class RawModel:
     def throughput(self, batch: int, seconds: float) -> float:
         feed = {"image": np.resize(self.images, (batch, *self.images.shape[1:]))}
         if batch not in self.warm:  # the first runs at a new shape allocate and tune; not measured
-            for _ in range(3):
-                self.session.run(self.outputs, feed)
+            for session in self.sessions:
+                for _ in range(3):
+                    session.run(self.outputs, feed)
             self.warm.add(batch)
+        if len(self.sessions) > 1:
+            return self._side_by_side(feed, batch, seconds)
         done, start, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             self.session.run(self.outputs, feed)
             done += batch
+        self.last_per_cpu_s = done / max(time.process_time() - cpu, 1e-9)
+        return done / (time.perf_counter() - start)
+
+    def _side_by_side(self, feed: dict, batch: int, seconds: float) -> float:
+        from concurrent.futures import ThreadPoolExecutor
+
+        start, cpu = time.perf_counter(), time.process_time()
+
+        def loop(session) -> int:
+            done = 0
+            while time.perf_counter() - start < seconds:
+                session.run(self.outputs, feed)
+                done += batch
+            return done
+
+        with ThreadPoolExecutor(len(self.sessions)) as pool:
+            done = sum(pool.map(loop, self.sessions))
         self.last_per_cpu_s = done / max(time.process_time() - cpu, 1e-9)
         return done / (time.perf_counter() - start)
 
@@ -232,27 +264,26 @@ def measure_model(repo: Path, name: str, args: argparse.Namespace, workdir: Path
         print(f"  raw onnxruntime batch {batch:3d}: {sweep[batch]:8.1f} images/s", flush=True)
         batch *= 2
     best_batch = max(sweep, key=sweep.get)
-    # The baseline is raw at its best: with onnxruntime's default spinning threads, or without, whichever is faster.
-    # Alternating measurements, compared by their medians: one pair alone is at the mercy of the machine's load.
-    quiet = RawModel(model_path, images, args.threads, spin_wait=False)
-    pairs = [
-        (raw_model.throughput(best_batch, args.raw_duration), quiet.throughput(best_batch, args.raw_duration))
-        for _ in range(3)
-    ]
-    spinning_rate = statistics.median(s for s, _ in pairs)
-    quiet_rate = statistics.median(q for _, q in pairs)
+    # The baseline is raw at its best, at that batch size: one session with spinning idle threads (onnxruntime's
+    # default) or with sleeping ones, or one single-thread session per CPU side by side, whichever is fastest.
+    # Alternating measurements, compared by their medians: one alone is at the mercy of the machine's load.
+    candidates = [raw_model, RawModel(model_path, images, args.threads, spin_wait=False)]
+    if args.threads > 1:
+        candidates.append(RawModel(model_path, images, 1, spin_wait=False, sessions=args.threads))
+    trials = [[c.throughput(best_batch, args.raw_duration) for c in candidates] for _ in range(3)]
+    rates = [statistics.median(t[i] for t in trials) for i in range(len(candidates))]
     print(
-        f"  raw at batch {best_batch} (median of 3): spinning threads {spinning_rate:.1f}, sleeping threads "
-        f"{quiet_rate:.1f} images/s",
+        f"  raw at batch {best_batch} (median of 3): "
+        + ", ".join(f"{c.describe()} {r:.1f}" for c, r in zip(candidates, rates))
+        + " images/s",
         flush=True,
     )
-    if quiet_rate >= spinning_rate:
-        raw_model = quiet
+    raw_model = candidates[max(range(len(candidates)), key=rates.__getitem__)]
     # The in-process call a lone request makes: one image, one session shaped as one of the service's instances.
     in_process = RawModel(model_path, images, per_instance, spin_wait=False)
     in_process_p50 = statistics.median(in_process.latency_p50_ms(args.raw_duration / 2) for _ in range(3))
     print(f"  in process, batch 1, {per_instance} thread(s): p50 {in_process_p50:.2f} ms", flush=True)
-    del in_process, quiet
+    del in_process, candidates
 
     server = start_server(served, workdir / f"server-{model}", args.threads, args.server_arg)
     port = server.port
@@ -299,7 +330,7 @@ def measure_model(repo: Path, name: str, args: argparse.Namespace, workdir: Path
         "raw_threads": args.threads,
         "raw_sweep": sweep,
         "best_batch": best_batch,
-        "raw_spinning": raw_model.spin_wait,
+        "raw_baseline": raw_model.describe(),
         "raw_cpu_ms": 1e3 / raw_model.last_per_cpu_s,
         "in_process_p50_ms": in_process_p50,
         "service": rows,
@@ -313,8 +344,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
         f"\n{result['model']} v{result['version']} ({result['size']}x{result['size']}): raw onnxruntime sweep "
         "(images/s by batch size): "
         + ", ".join(f"{b}: {v:.1f}" for b, v in result["raw_sweep"].items())
-        + f"; baseline: batch {best}, {result['raw_threads']} threads, "
-        f"{'spinning' if result['raw_spinning'] else 'sleeping'} idle threads (the faster), "
+        + f"; baseline (the fastest raw): batch {best}, {result['raw_baseline']}, "
         f"{result['raw_cpu_ms']:.2f} CPU ms/image; service {instances} x {per_instance}; in-process batch-1 p50 "
         f"{result['in_process_p50_ms']:.2f} ms"
     )

@@ -15,6 +15,9 @@ Triton's knobs and meanings (config.pbtxt `dynamic_batching`):
   timeout (or its gRPC deadline) passes is dropped before compute and answered DEADLINE_EXCEEDED.
 A cancelled request leaves the queue at once; if it is already computing, its rows are computed and discarded.
 Only as many batches run at once as there are model instances, so requests gather while the instances are busy.
+With several instances a batch takes at most its instance's share of the rows in flight (queued or computing,
+divided by the instances): a free instance does not take the whole queue while the others finish small batches,
+so batches stay even and latency has one mode instead of two.
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ class DynamicBatcher:
         self._free = asyncio.Semaphore(max(1, settings.instances))
         self._running: set[asyncio.Task] = set()
         self._running_requests = 0
+        self._running_rows = 0
         self._closed = False
         self._scheduler: asyncio.Task | None = None
         self._concurrency = _Concurrency()
@@ -248,14 +252,24 @@ class DynamicBatcher:
             for request in batch:
                 request.state = RUNNING
             self._running_requests += len(batch)
+            self._running_rows += sum(r.rows for r in batch)
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    def _batch_limit(self) -> int:
+        """The most rows the next batch may take: max_batch_size, or less, this instance's share of the rows in
+        flight when there are several instances."""
+        s = self.settings
+        if s.instances <= 1:
+            return s.max_batch_size
+        in_flight = self._running_rows + sum(r.rows for r in self._queue)
+        return max(1, min(s.max_batch_size, -(-in_flight // s.instances)))
+
     def _fitting_prefix(self) -> tuple[list[int], bool]:
         """Cumulative row counts of the queue's FIFO prefix that fits in one batch, and whether the prefix was
         cut short by a request that does not fit (so waiting cannot grow the batch)."""
-        limit = self.settings.max_batch_size
+        limit = self._batch_limit()
         sums, total = [], 0
         for request in self._queue:
             if total + request.rows > limit:
@@ -275,7 +289,7 @@ class DynamicBatcher:
             if s.max_batch_size <= 0:  # the model does not batch: one request per run
                 return [self._queue.popleft()]
             sums, blocked = self._fitting_prefix()
-            if not sums:  # cannot happen after validation (rows <= max_batch_size); never stall the queue on it
+            if not sums:  # a request larger than the instance's share runs alone; never stall the queue on it
                 return self._take(1)
             target = max(s.preferred_batch_sizes) if s.preferred_batch_sizes else s.max_batch_size
             now = self._clock()
@@ -336,4 +350,5 @@ class DynamicBatcher:
                 self._fail(request, error)
         finally:
             self._running_requests -= len(batch)
+            self._running_rows -= rows
             self._free.release()

@@ -163,6 +163,36 @@ def test_requests_pile_up_while_the_instance_is_busy_and_respect_max_batch_size(
         np.testing.assert_allclose(result.outputs["probabilities"], alone["probabilities"], rtol=1e-4, atol=1e-5)
 
 
+def test_several_instances_share_the_rows_in_flight_evenly(model, images):
+    """Two instances, eight requests at once: two batches of four side by side, not one of eight and an idle
+    instance; then, with four rows computing and twelve queued, the free instance takes its share (eight), not all
+    twelve."""
+
+    async def scenario():
+        batcher = make(model, max_batch_size=16, instances=2)
+        results = await asyncio.gather(
+            *(batcher.infer({"image": rows(images, i % 6)}, 1, ["logits"]) for i in range(8))
+        )
+        first = sorted(model.batches)
+        model.batches.clear()
+        model.gate = threading.Event()
+        model.started.clear()
+        busy = asyncio.create_task(batcher.infer({"image": rows(images, 0, 1, 2, 3)}, 4, ["logits"]))
+        await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 10)
+        queued = [asyncio.create_task(batcher.infer({"image": rows(images, i % 6)}, 1, ["logits"])) for i in range(12)]
+        await asyncio.sleep(0.2)
+        model.gate.set()
+        await asyncio.gather(busy, *queued)
+        await batcher.close()
+        return results, first
+
+    results, first = asyncio.run(scenario())
+    assert first == [4, 4]
+    assert all(r.outputs["logits"].shape == (1, 3) for r in results)
+    assert max(model.batches) == 8 and sum(model.batches) == 16, f"4 computing + 12 queued: {model.batches}"
+    assert model.batches.count(8) == 1
+
+
 def test_a_preferred_batch_size_runs_at_once_without_waiting_for_the_delay(model, images):
     async def scenario():
         batcher = make(model, preferred_batch_sizes=(3,), max_queue_delay_us=20_000_000)
