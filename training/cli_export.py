@@ -1,4 +1,4 @@
-"""`cxr export RUN_DIR --repository DIR [--name NAME]`, or `cxr export --ensemble RUN_A RUN_B ... --repository DIR`.
+"""`cxr export RUN_DIR --repository DIR [--name NAME] [--int8]`, or `cxr export --ensemble RUN_A RUN_B ... --repository DIR`.
 
 Packages what `cxr evaluate` fitted (temperature, operating point, input gate); it evaluates nothing itself."""
 
@@ -26,6 +26,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --ensemble: the folder `cxr evaluate --ensemble` wrote (default: ensemble/ beside the runs)",
     )
+    int8 = parser.add_argument_group("int8 (training/quantize.py)")
+    int8.add_argument(
+        "--int8",
+        action="store_true",
+        help="export the int8 variant (static QDQ, per-channel, calibrated on training images) as model "
+        "<arch>_int8 (or --name), only if it agrees with fp32 on the validation split",
+    )
+    int8.add_argument(
+        "--int8-min-agreement",
+        type=float,
+        default=None,
+        help="least share of validation images whose top class matches fp32 (default 0.99)",
+    )
+    int8.add_argument(
+        "--int8-max-auc-drop", type=float, default=None, help="largest macro AUC drop from fp32 (default 0.005)"
+    )
+    int8.add_argument(
+        "--int8-calibration-images", type=int, default=None, help="training images that calibrate (default 256)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,13 +63,32 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--ensemble needs at least two runs")
     if args.name and len(runs) > 1 and not args.ensemble:
         raise SystemExit("--name names one model: give one run (or use --ensemble)")
+    int8 = _int8_settings(args)
+    if int8 and args.ensemble:
+        raise SystemExit("--int8 quantizes one run's graph: export the members one by one")
     try:
         if args.ensemble:
             print(export_ensemble(runs, repo, args.name or "ensemble", args.data, args.evaluation))
         else:
             for r in runs:
-                print(export_run(r, repo, args.name, args.data))
+                print(export_run(r, repo, args.name, args.data, int8=int8))
     except (ExportError, RepositoryError, FileNotFoundError) as exc:
         print(f"export failed, nothing written for this model: {exc}")
         return 1
     return 0
+
+
+def _int8_settings(args: argparse.Namespace):
+    """Int8Settings when --int8 is given (the defaults where a bar is not); the bars without --int8 are an error."""
+    given = {
+        "min_agreement": args.int8_min_agreement,
+        "max_auc_drop": args.int8_max_auc_drop,
+        "calibration_images": args.int8_calibration_images,
+    }
+    if not args.int8:
+        if any(v is not None for v in given.values()):
+            raise SystemExit("--int8-min-agreement, --int8-max-auc-drop and --int8-calibration-images need --int8")
+        return None
+    from training.quantize import Int8Settings
+
+    return Int8Settings(**{k: v for k, v in given.items() if v is not None})
