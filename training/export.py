@@ -5,6 +5,8 @@ split), `logits`, `cam` [N,C,H/32,W/32] and `ood_score` [N,1] (the input gate's 
 threshold fitted on the validation split); dynamic batch axis; opset 17. `onnx.checker` must pass, and onnxruntime must
 agree with PyTorch on real validation images (max |diff| of probabilities < 1e-4), or nothing is written.
 An ensemble is one graph holding its members, averaging their outputs, so it is served like any other model.
+`--int8` (training/quantize.py) quantizes that checked graph and writes it, as its own model `<arch>_int8`, only when
+it agrees with fp32 on the whole validation split.
 
 Export only packages what `cxr evaluate` fitted and stored (training/calibrate.py): it evaluates nothing itself.
 """
