@@ -3,9 +3,9 @@
 that `cxr export --int8` wrote into the int8 model card.
 
 For each model NAME, the fp32 graph is REPO/NAME (the version its config serves) and the int8 graph REPO/NAME_int8
-(or --int8-name). Each round times fp32 then int8 at each batch size (the same images, one onnxruntime session each,
-`--threads` intra-op threads, sequential execution) for `--duration` seconds; the ratio is taken within a round (a
-shared machine's load drifts) and the table gives medians over the rounds.
+(or --int8-name). Each round, at each batch size, runs the two sessions call by call in turn (fp32, int8, fp32, ...:
+the same images, `--threads` intra-op threads each) for `--duration` seconds, so both see the same load on a shared
+machine; the ratio is taken within a round and the table gives medians over the rounds.
 
     python bench/int8.py --repository DIR efficientnet_lite0 resnet50 [--batches 1 32] [--threads 2] [--rounds 5]
 
@@ -42,14 +42,21 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _ms_per_image(session, images: np.ndarray, seconds: float) -> float:
+def _ms_per_image(sessions: dict, images: np.ndarray, seconds: float) -> dict[str, float]:
+    """ms per image of each session, calls alternating one by one (fp32, int8, fp32, ...) so that both see the same
+    load on a shared machine; at least 3 calls each."""
     feed = {"image": images}
-    session.run(None, feed)  # warm: the first run allocates
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run(None, feed)
-        count += len(images)
-    return 1e3 * (time.perf_counter() - start) / count
+    spent = dict.fromkeys(sessions, 0.0)
+    for session in sessions.values():
+        session.run(None, feed)  # warm: the first run allocates
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        for kind, session in sessions.items():
+            t = time.perf_counter()
+            session.run(None, feed)
+            spent[kind] += time.perf_counter() - t
+        calls += 1
+    return {kind: 1e3 * total / (calls * len(images)) for kind, total in spent.items()}
 
 
 def _images(size: int, count: int) -> np.ndarray:
@@ -75,8 +82,8 @@ def compare(repo: Path, name: str, int8_name: str, batches: list[int], threads: 
     for batch in batches:
         times = {"fp32": [], "int8": []}
         for _ in range(rounds):
-            for kind, session in sessions.items():  # interleaved: both see the same minute of load
-                times[kind].append(_ms_per_image(session, images[:batch], seconds))
+            for kind, ms in _ms_per_image(sessions, images[:batch], seconds).items():
+                times[kind].append(ms)
         speedups = [a / b for a, b in zip(times["fp32"], times["int8"])]
         rows.append(
             {
