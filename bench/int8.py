@@ -144,11 +144,12 @@ def main() -> int:
             print(f"| {name} | {q.get('int8', '?')} | (no quantization block in the int8 model card) |")
             continue
         bars = f">= {q['min_agreement']}, <= {q['max_auc_drop']}"
+        gate = f"{q['gate_agreement']:.4f}" if "gate_agreement" in q else "no gate"
         if q["min_agreement"] <= 0:
             bars += " (bars off)"
         print(
             f"| {name} | {q['int8']} | {q['validation_images']} | {q['agreement']:.4f} | {q['auc_fp32']:.4f} | "
-            f"{q['auc_int8']:.4f} | {q['auc_drop']:+.4f} | {q.get('gate_agreement', float('nan')):.4f} | {bars} |"
+            f"{q['auc_int8']:.4f} | {q['auc_drop']:+.4f} | {gate} | {bars} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
