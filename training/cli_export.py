@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from training.export import ExportError, export_ensemble, export_run
     from training.train import setup_logging
 
+    int8 = _int8_settings(args)
+    if int8 and args.ensemble:
+        raise SystemExit("--int8 quantizes one run's graph: export the members one by one")
     runs = expand_runs(args.runs)
     repo = Path(args.repository)
     repo.mkdir(parents=True, exist_ok=True)
@@ -63,9 +66,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--ensemble needs at least two runs")
     if args.name and len(runs) > 1 and not args.ensemble:
         raise SystemExit("--name names one model: give one run (or use --ensemble)")
-    int8 = _int8_settings(args)
-    if int8 and args.ensemble:
-        raise SystemExit("--int8 quantizes one run's graph: export the members one by one")
     try:
         if args.ensemble:
             print(export_ensemble(runs, repo, args.name or "ensemble", args.data, args.evaluation))
