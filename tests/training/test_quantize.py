@@ -94,3 +94,12 @@ def test_export_int8_refuses_below_its_bar_and_writes_nothing(trained_repository
     out = capsys.readouterr().out
     assert "export failed" in out and "int8 refused" in out and "< 1.01" in out
     assert repository.list_models(repo) == []
+
+
+def test_int8_flags_are_checked_before_anything_is_written(tmp_path):
+    repo = tmp_path / "repo"
+    with pytest.raises(SystemExit, match="one run's graph"):
+        main(["export", "a", "b", "--ensemble", "--int8", "--repository", str(repo)])
+    with pytest.raises(SystemExit, match="need --int8"):
+        main(["export", "a", "--int8-min-agreement", "0.5", "--repository", str(repo)])
+    assert not repo.exists()
