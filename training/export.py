@@ -497,7 +497,7 @@ def _write(
             card["quantization"] = quantize.quantize_and_check(
                 onnx_path, int8_path, train_images, val_images, val_labels, settings
             )
-            card["onnx"]["parity"]["graph"] = "fp32, before quantization (metrics: fp32 too; int8: see quantization)"
+            card["onnx"]["parity"]["graph"] = "fp32, before quantization"
             onnx_path = int8_path
             params["cxr.precision"] = "int8"
         existed = (Path(repo) / name / repository.CONFIG_FILENAME).is_file()

@@ -7,14 +7,14 @@ QuantizeLinear/DequantizeLinear pairs around each Conv into integer kernels. Wha
   which reads those pixels at full precision (one uint8 scale cannot hold three differently normalised copies of an
   8-bit pixel: quantizing it too cut efficientnet_lite0's agreement from 94.8% to 93.5% and multiplied the gate's
   refusals of validation images by 7; the first Conv is ~3% of the multiply-adds);
-- the head after the feature map (pooling, classifier, class activation maps, temperature, softmax): a few thousand
-  multiply-adds, and quantizing it would round the calibrated probabilities to steps of 1/256;
+- the head after the feature map (pooling, classifier, class activation maps, temperature, softmax): well under 1%
+  of the multiply-adds, and quantizing it would round the calibrated probabilities to steps of 1/256;
 - the input gate (`ood_score`): float64 Mahalanobis distances (training/ood.py) that float32 already cannot hold.
 
 The int8 graph is accepted only when, on the run's whole validation split, its top class agrees with the fp32
 graph's on at least MIN_AGREEMENT of the images and its macro AUC (training/metrics.py) is at most MAX_AUC_DROP
 below fp32's; otherwise QuantizationRefused and nothing is written. The numbers go into the model card.
-This module works on ONNX files (no torch); training/export.py calls it with the run's images.
+It works on ONNX files and images; training/export.py calls it with the run's checked fp32 graph and its split.
 """
 
 from __future__ import annotations
@@ -192,4 +192,12 @@ def quantize_and_check(
     pick = np.linspace(0, len(train_images) - 1, min(settings.calibration_images, len(train_images)))
     quantize(fp32_path, int8_path, train_images[pick.round().astype(int)])
     report = accept(compare(fp32_path, int8_path, val_images, val_labels), settings)
-    return {"format": FORMAT, "per_channel": True, "calibration_images": int(len(pick)), **report}
+    return {
+        "format": FORMAT,
+        "per_channel": True,
+        "calibration_images": int(len(pick)),
+        "calibration_split": "train",
+        **report,
+        "note": "metrics and onnx.parity are the fp32 graph's; this block compares the int8 graph with it on the "
+        "same validation split",
+    }
