@@ -1,4 +1,4 @@
-"""`cxr export RUN_DIR --repository DIR [--name NAME]`, or `cxr export --ensemble RUN_A RUN_B ... --repository DIR`.
+"""`cxr export RUN_DIR --repository DIR [--name NAME] [--int8]`, or `cxr export --ensemble RUN_A RUN_B ... --repository DIR`.
 
 Packages what `cxr evaluate` fitted (temperature, operating point, input gate); it evaluates nothing itself."""
 
@@ -33,6 +33,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="size a new model's CPU serving shape (instance_group count x intra_op_thread_count in config.pbtxt) "
         "for this many CPUs, e.g. the inference pod's CPU limit (default: the CPUs this machine lets us use)",
     )
+    int8 = parser.add_argument_group("int8 (training/quantize.py)")
+    int8.add_argument(
+        "--int8",
+        action="store_true",
+        help="export the int8 variant (static QDQ, per-channel, calibrated on training images) as model "
+        "<arch>_int8 (or --name), only if it agrees with fp32 on the validation split",
+    )
+    int8.add_argument(
+        "--int8-min-agreement",
+        type=float,
+        default=None,
+        help="least share of validation images whose top class matches fp32 (default 0.99)",
+    )
+    int8.add_argument(
+        "--int8-max-auc-drop", type=float, default=None, help="largest macro AUC drop from fp32 (default 0.005)"
+    )
+    int8.add_argument(
+        "--int8-calibration-images", type=int, default=None, help="training images that calibrate (default 256)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from training.export import ExportError, export_ensemble, export_run
     from training.train import setup_logging
 
+    int8 = _int8_settings(args)
+    if int8 and args.ensemble:
+        raise SystemExit("--int8 quantizes one run's graph: export the members one by one")
     runs = expand_runs(args.runs)
     repo = Path(args.repository)
     repo.mkdir(parents=True, exist_ok=True)
@@ -56,8 +78,24 @@ def run(args: argparse.Namespace) -> int:
             print(export_ensemble(runs, repo, args.name or "ensemble", args.data, args.evaluation, args.cpus))
         else:
             for r in runs:
-                print(export_run(r, repo, args.name, args.data, args.cpus))
+                print(export_run(r, repo, args.name, args.data, int8=int8, cpus=args.cpus))
     except (ExportError, RepositoryError, FileNotFoundError) as exc:
         print(f"export failed, nothing written for this model: {exc}")
         return 1
     return 0
+
+
+def _int8_settings(args: argparse.Namespace):
+    """Int8Settings when --int8 is given (the defaults where a bar is not); the bars without --int8 are an error."""
+    given = {
+        "min_agreement": args.int8_min_agreement,
+        "max_auc_drop": args.int8_max_auc_drop,
+        "calibration_images": args.int8_calibration_images,
+    }
+    if not args.int8:
+        if any(v is not None for v in given.values()):
+            raise SystemExit("--int8-min-agreement, --int8-max-auc-drop and --int8-calibration-images need --int8")
+        return None
+    from training.quantize import Int8Settings
+
+    return Int8Settings(**{k: v for k, v in given.items() if v is not None})

@@ -5,6 +5,8 @@ split), `logits`, `cam` [N,C,H/32,W/32] and `ood_score` [N,1] (the input gate's 
 threshold fitted on the validation split); dynamic batch axis; opset 17. `onnx.checker` must pass, and onnxruntime must
 agree with PyTorch on real validation images (max |diff| of probabilities < 1e-4), or nothing is written.
 An ensemble is one graph holding its members, averaging their outputs, so it is served like any other model.
+`--int8` (training/quantize.py) quantizes that checked graph and writes it, as its own model `<arch>_int8`, only when
+it agrees with fp32 on the whole validation split.
 
 Export only packages what `cxr evaluate` fitted and stored (training/calibrate.py): it evaluates nothing itself.
 """
@@ -19,6 +21,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +32,9 @@ from training import ood
 from training.calibrate import Calibration
 from training.evaluate import NOT_CLINICAL
 from training.train import TrainConfig, load_model
+
+if TYPE_CHECKING:
+    from training.quantize import Int8Settings
 
 log = logging.getLogger("cxr.training")
 OPSET = 17
@@ -274,14 +280,37 @@ def _data_card(run_dir: Path, cfg: TrainConfig) -> dict:
     }
 
 
+def int8_name(architecture: str) -> str:
+    """The default model name of an int8 export: its own model beside the fp32 one (`resnet50_int8`), so both are
+    served side by side and chosen by name, as with Triton; versions of one model stay successive trainings."""
+    return f"{architecture}_int8"
+
+
+def _int8_images(cfg: TrainConfig, run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(training images for calibration, the whole validation split, its labels), read as `cxr evaluate` reads them."""
+    from training.train import prepare_split
+
+    train_set, val_set = prepare_split(cfg, run_dir)
+    return train_set.images, val_set.images, val_set.labels
+
+
 def export_run(
-    run_dir: Path, repo: Path, name: str | None = None, data_dir: str | None = None, cpus: int | None = None
+    run_dir: Path,
+    repo: Path,
+    name: str | None = None,
+    data_dir: str | None = None,
+    int8: Int8Settings | None = None,
+    cpus: int | None = None,
 ) -> Path:
-    """Export one evaluated run as a new version of model `name` (default: its architecture). Returns the version
-    folder. A new model's config.pbtxt gets the serving shape for `cpus` CPUs (default: this machine's)."""
+    """Export one evaluated run as a new version of model `name` (default: its architecture, `<arch>_int8` with
+    `int8`). Returns the version folder. With `int8`, the fp32 graph is quantized and written only if it passes
+    the accuracy check (training/quantize.py), else QuantizationRefused. A new model's config.pbtxt gets the
+    serving shape for `cpus` CPUs (default: this machine's)."""
     run_dir = Path(run_dir)
     module, cfg, calibration = _calibrated(run_dir)
     cfg.data = data_dir or cfg.data
+    if int8 is not None:
+        name = name or int8_name(cfg.architecture)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     settings = {
         k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k not in ("data", "manifest")
@@ -306,6 +335,7 @@ def export_run(
             },
         },
         cpus,
+        int8=(int8, _int8_images(cfg, run_dir)) if int8 is not None else None,
     )
 
 
@@ -443,7 +473,10 @@ def _write(
     calibration: Calibration,
     extra: dict,
     cpus: int | None = None,
+    int8: tuple[Int8Settings, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> Path:
+    """Write one version. `int8`: (settings, (training, validation images, validation labels)): the checked fp32
+    graph is quantized, compared with itself on the validation split, and only the accepted int8 graph is written."""
     _check_compatible(repo, name, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
@@ -463,6 +496,17 @@ def _write(
             "cxr.synthetic_demo": str(card["synthetic_demo"]).lower(),
             **fitted_parameters(calibration),
         }
+        if int8 is not None:
+            from training import quantize
+
+            settings, (train_images, val_images, val_labels) = int8
+            int8_path = Path(tmp) / "model_int8.onnx"
+            card["quantization"] = quantize.quantize_and_check(
+                onnx_path, int8_path, train_images, val_images, val_labels, settings
+            )
+            card["onnx"]["parity"]["graph"] = "fp32, before quantization"
+            onnx_path = int8_path
+            params["cxr.precision"] = "int8"
         existed = (Path(repo) / name / repository.CONFIG_FILENAME).is_file()
         version_dir = repository.write_model(
             repo,
