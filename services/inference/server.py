@@ -253,7 +253,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         meters.success.inc()
         model.stats.success.add(elapsed)
         model.stats.queue.add(result.queue_s)
-        self._log(request, "OK", None, start, model)
+        if self.settings.log_successes:
+            self._log(request, "OK", None, start, model)
         return response
 
     def _response(self, request, model: ModelVersion, wanted, outputs) -> pb.ModelInferResponse:
