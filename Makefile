@@ -44,6 +44,7 @@ test-docker: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/inference_throughput.py
 	$(BIN)/python bench/gateway_throughput.py
+	$(BIN)/python bench/decode.py
 
 clean:
 	rm -rf $(VENV) runs model_repository demo .pytest_cache
