@@ -114,10 +114,12 @@ def test_inference_drain_delay_keeps_answering(trained_repository: Path, image: 
 
 def test_two_replicas_one_draining_loses_nothing(trained_repository: Path, image: bytes, tmp_path: Path):
     """A rolling update: one of two replicas drains and exits; the gateway stays SERVING and answers every request."""
+    # --log-successes: each replica's log shows it answered requests
+    logged = [*EXPLICIT, "--log-successes"]
     draining = processes.start_inference(
-        trained_repository, tmp_path / "a", extra=[*EXPLICIT, "--drain-delay", "2", "--grace-period", "5"]
+        trained_repository, tmp_path / "a", extra=[*logged, "--drain-delay", "2", "--grace-period", "5"]
     )
-    staying = processes.start_inference(trained_repository, tmp_path / "b", extra=EXPLICIT)
+    staying = processes.start_inference(trained_repository, tmp_path / "b", extra=logged)
     gateway = processes.start_gateway(
         f"ipv4:{draining.address},{staying.address}", tmp_path / "gateway", extra=["--request-timeout", "60"]
     )
