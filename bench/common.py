@@ -1,10 +1,12 @@
-"""What the benchmarks share: which model repository to measure, which model version in it is served, and how a
-window of request latencies is summarised."""
+"""What the benchmarks share: which model repository to measure, which model version in it is served, the closed
+loop of concurrent callers, the inference requests they send, and how a window of request latencies is summarised."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +61,44 @@ def latency_summary(latencies: list[float], elapsed: float, clients: int, errors
         "requests": len(latencies),
         "errors": errors,
     }
+
+
+async def closed_loop(call, clients: int, seconds: float) -> tuple[list[float], list, int, float]:
+    """`clients` concurrent callers, each awaiting `call(i)` back to back for `seconds` (caller k sends i = k,
+    k + clients, ...). Returns the latencies (s) and answers of the calls that succeeded, the count of those that
+    raised, and the window's length (s). A warm-up is one more window whose results are dropped."""
+    latencies: list[float] = []
+    answers: list = []
+    errors = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+
+    async def client(k: int) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                answers.append(await call(i))
+                latencies.append(time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                errors += 1
+            i += clients
+
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    return latencies, answers, errors, time.perf_counter() - start
+
+
+def infer_requests(model: str, images, outputs: list[str]) -> list:
+    """One KServe v2 ModelInferRequest per image of uint8 `images` [N, 1, H, W], asking for `outputs`."""
+    from cxr.generated.inference import grpc_service_pb2 as pb
+
+    requests = []
+    for i in range(len(images)):
+        request = pb.ModelInferRequest(model_name=model, id=f"bench-{i}")
+        request.inputs.add(name="image", datatype="UINT8", shape=[1, *images.shape[1:]])
+        request.raw_input_contents.append(images[i : i + 1].tobytes())
+        for name in outputs:
+            request.outputs.add(name=name)
+        requests.append(request)
+    return requests

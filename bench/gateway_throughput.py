@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import latency_summary, pick_repository, served_model  # noqa: E402
+from bench.common import closed_loop, infer_requests, latency_summary, pick_repository, served_model  # noqa: E402
 from cxr.imaging import read_image, resize_for_model  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
 
@@ -116,39 +116,22 @@ async def drive(port: int, model: str, data: bytes, clients: int, seconds: float
     from cxr.generated.cxr.v1 import gateway_pb2_grpc as pb_grpc
 
     request = pb.ClassifyRequest(image=data, model_name=model)
-    latencies: list[float] = []
-    timings: list[tuple[float, float, float, float]] = []  # the gateway's own account of each request
-    errors = 0
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stub = pb_grpc.GatewayStub(channel)
         for _ in range(3):
             await stub.Classify(request, timeout=60)
 
-        async def window(seconds: float, record: bool) -> None:
-            stop_at = time.perf_counter() + seconds
+        def call(_i: int):
+            return stub.Classify(request, timeout=60)
 
-            async def client() -> None:
-                nonlocal errors
-                while time.perf_counter() < stop_at:
-                    t0 = time.perf_counter()
-                    try:
-                        response = await stub.Classify(request, timeout=60)
-                        if record:
-                            latencies.append(time.perf_counter() - t0)
-                            t = response.timings
-                            timings.append((t.decode_ms, t.preprocess_ms, t.inference_ms, t.total_ms))
-                    except grpc.aio.AioRpcError:
-                        errors += 1
-
-            await asyncio.gather(*(client() for _ in range(clients)))
-
-        await window(1.0, record=False)
-        errors = 0
-        start_at = time.perf_counter()
-        await window(seconds, record=True)
-        elapsed = time.perf_counter() - start_at
+        await closed_loop(call, clients, 1.0)  # warm-up at this concurrency
+        latencies, responses, errors, elapsed = await closed_loop(call, clients, seconds)
     summary = latency_summary(latencies, elapsed, clients, errors)
+    # the gateway's own account of each request
+    timings = [
+        (r.timings.decode_ms, r.timings.preprocess_ms, r.timings.inference_ms, r.timings.total_ms) for r in responses
+    ]
     medians = np.median(np.array(timings), axis=0)
     summary.update(zip(("gw_decode_ms", "gw_preprocess_ms", "gw_inference_ms", "gw_total_ms"), map(float, medians)))
     return summary
@@ -158,25 +141,15 @@ async def model_infer(port: int, model: str, pixels: np.ndarray, seconds: float)
     """One client sending ModelInfer straight to the inference service, the tensor and outputs the gateway sends."""
     import grpc
 
-    from cxr.generated.inference import grpc_service_pb2 as pb
     from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, *pixels.shape])
-    request.raw_input_contents.append(pixels.tobytes())
-    for name in ("probabilities", "ood_score"):
-        request.outputs.add(name=name)
+    (request,) = infer_requests(model, pixels[None, None], ["probabilities", "ood_score"])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for _ in range(3):
             await stub.ModelInfer(request, timeout=60)
-        latencies, stop_at = [], time.perf_counter() + seconds
-        start_at = time.perf_counter()
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            await stub.ModelInfer(request, timeout=60)
-            latencies.append(time.perf_counter() - t0)
-    return latency_summary(latencies, time.perf_counter() - start_at, 1, 0)
+        latencies, _, errors, elapsed = await closed_loop(lambda _i: stub.ModelInfer(request, timeout=60), 1, seconds)
+    return latency_summary(latencies, elapsed, 1, errors)
 
 
 def main() -> int:

@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import latency_summary, pick_repository, served_model  # noqa: E402
+from bench.common import closed_loop, infer_requests, latency_summary, pick_repository, served_model  # noqa: E402
 from bench.inference_throughput import load_images  # noqa: E402
 from cxr.processes import start_service  # noqa: E402
 
@@ -38,16 +37,9 @@ OUTPUT = "probabilities"
 def grpc_caller(port: int, model: str, images: np.ndarray):
     import grpc
 
-    from cxr.generated.inference import grpc_service_pb2 as pb
     from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
-    requests = []
-    for i in range(len(images)):
-        request = pb.ModelInferRequest(model_name=model, id=f"bench-{i}")
-        request.inputs.add(name="image", datatype="UINT8", shape=[1, *images.shape[1:]])
-        request.raw_input_contents.append(images[i : i + 1].tobytes())
-        request.outputs.add(name=OUTPUT)
-        requests.append(request)
+    requests = infer_requests(model, images, [OUTPUT])
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
 
@@ -98,32 +90,9 @@ def rest_caller(port: int, model: str, images: np.ndarray, binary: bool):
 
 
 async def drive(call, clients: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    errors = 0
-
-    async def window(seconds: float, record: bool) -> None:
-        stop_at = time.perf_counter() + seconds
-
-        async def client(k: int) -> None:
-            nonlocal errors
-            i = k
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    await call(i)
-                except Exception:  # noqa: BLE001 - counted, the run goes on
-                    errors += 1
-                if record:
-                    latencies.append(time.perf_counter() - t0)
-                i += clients
-
-        await asyncio.gather(*(client(k) for k in range(clients)))
-
-    await window(0.5, record=False)
-    errors = 0
-    start = time.perf_counter()
-    await window(seconds, record=True)
-    return latency_summary(latencies, time.perf_counter() - start, clients, errors)
+    await closed_loop(call, clients, 0.5)  # warm-up at this concurrency
+    latencies, _, errors, elapsed = await closed_loop(call, clients, seconds)
+    return latency_summary(latencies, elapsed, clients, errors)
 
 
 async def measure(

@@ -40,10 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = "probabilities"  # what a classifying client asks for (raw computes the same)
 sys.path.insert(0, str(ROOT))
 
-from bench.common import latency_summary, pick_repository, served_model  # noqa: E402
+from bench.common import closed_loop, infer_requests, latency_summary, pick_repository, served_model  # noqa: E402
 from cxr import repository  # noqa: E402
 from cxr.cpus import available_cpus  # noqa: E402
 from cxr.processes import ServiceProcess, start_service  # noqa: E402
+from services.inference.sessions import instance_shape  # noqa: E402
 
 
 def load_images(size: int, count: int = 64) -> np.ndarray:
@@ -131,7 +132,9 @@ class RawModel:
         return done / (time.perf_counter() - start)
 
 
-def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> ServiceProcess:
+def start_server(repo: Path, workdir: Path, extra: list[str]) -> ServiceProcess:
+    """The service with its own defaults: each model's threads come from its config (as exported), else from the
+    usable CPUs shared out between its instances (services/inference/sessions.instance_shape)."""
     return start_service(
         "inference",
         [
@@ -145,12 +148,9 @@ def start_server(repo: Path, workdir: Path, threads: int, extra: list[str]) -> S
             "-1",
             "--metrics-port",
             "-1",
-            "--intra-op-threads",
-            str(threads),
             *extra,
         ],
         workdir,
-        env={"OMP_NUM_THREADS": str(threads)},
     )
 
 
@@ -178,57 +178,22 @@ async def drive(port: int, model: str, images: np.ndarray, clients: int, seconds
     """`clients` concurrent callers, each sending single-image requests back to back for `seconds`."""
     import grpc
 
-    from cxr.generated.inference import grpc_service_pb2 as pb
     from cxr.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
-    requests = []
-    for i in range(len(images)):
-        request = pb.ModelInferRequest(model_name=model, id=f"bench-{i}")
-        request.inputs.add(name="image", datatype="UINT8", shape=[1, *images.shape[1:]])
-        request.raw_input_contents.append(images[i : i + 1].tobytes())
-        request.outputs.add(name=OUTPUT)
-        requests.append(request)
-    latencies: list[float] = []
-    errors = 0
+    requests = infer_requests(model, images, [OUTPUT])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for request in requests[:4]:  # warm the connection
             await stub.ModelInfer(request, timeout=60)
 
-        async def window(seconds: float, record: bool) -> None:
-            stop_at = time.perf_counter() + seconds
+        def call(i: int):
+            return stub.ModelInfer(requests[i % len(requests)], timeout=60)
 
-            async def client(k: int) -> None:
-                nonlocal errors
-                i = k
-                while time.perf_counter() < stop_at:
-                    t0 = time.perf_counter()
-                    try:
-                        await stub.ModelInfer(requests[i % len(requests)], timeout=60)
-                    except grpc.aio.AioRpcError:
-                        errors += 1
-                    if record:
-                        latencies.append(time.perf_counter() - t0)
-                    i += clients
-
-            await asyncio.gather(*(client(k) for k in range(clients)))
-
-        await window(1.0, record=False)  # warm-up at this concurrency
-        errors = 0
-        start, cpu = time.perf_counter(), cpu_seconds(server_pid)
-        await window(seconds, record=True)
-        elapsed = time.perf_counter() - start
+        await closed_loop(call, clients, 1.0)  # warm-up at this concurrency
+        cpu = cpu_seconds(server_pid)
+        latencies, _, errors, elapsed = await closed_loop(call, clients, seconds)
         cpu = cpu_seconds(server_pid) - cpu  # the server's CPU time (clients would run elsewhere)
     return {**latency_summary(latencies, elapsed, clients, errors), "per_cpu_s": len(latencies) / max(cpu, 1e-9)}
-
-
-def served_shape(config) -> tuple[int, int]:
-    """(instances, intra-op threads per instance) the service runs the model with (sessions.py's rule)."""
-    instances = sum(max(g.count, 1) for g in config.instance_group) or 1
-    value = (
-        config.parameters["intra_op_thread_count"].string_value if "intra_op_thread_count" in config.parameters else ""
-    )
-    return instances, int(value) if value.strip() else max(1, available_cpus() // instances)
 
 
 def measure_model(repo: Path, name: str, args: argparse.Namespace, workdir: Path) -> dict:
@@ -247,7 +212,7 @@ def measure_model(repo: Path, name: str, args: argparse.Namespace, workdir: Path
         per_instance = args.instance_threads or max(1, args.threads // args.instances)
         config.parameters["intra_op_thread_count"].string_value = str(per_instance)
         repository.write_config(served / model, config)
-    instances, per_instance = served_shape(config)
+    instances, per_instance = instance_shape(config)
     batching = config.dynamic_batching
     print(
         f"\nmodel {model} v{version} ({size}x{size}, max_batch_size {config.max_batch_size}, "
@@ -292,7 +257,7 @@ def measure_model(repo: Path, name: str, args: argparse.Namespace, workdir: Path
     print(f"  in process, batch 1, {per_instance} thread(s): p50 {in_process_p50:.2f} ms", flush=True)
     del in_process, candidates
 
-    server = start_server(served, workdir / f"server-{model}", args.threads, args.server_arg)
+    server = start_server(served, workdir / f"server-{model}", args.server_arg)
     port = server.port
     rows = []
     try:

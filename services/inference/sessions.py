@@ -85,6 +85,16 @@ def _int_parameter(config: ModelConfig, key: str, default: int) -> int:
     return int(value) if value.strip() else default
 
 
+def instance_shape(config: ModelConfig, intra_op_threads: int = 0) -> tuple[int, int]:
+    """(instances, intra-op threads per instance) a model runs with: instance_group.count sessions; threads from its
+    config parameter intra_op_thread_count (as Triton's onnxruntime backend reads it), else `intra_op_threads` (the
+    service's setting), else this process's CPUs shared out between the instances (onnxruntime's own default is
+    every core of the node for each session, whatever the container's CPU limit)."""
+    count = sum(max(g.count, 1) for g in config.instance_group) or 1
+    threads = _int_parameter(config, "intra_op_thread_count", intra_op_threads) or max(1, available_cpus() // count)
+    return count, threads
+
+
 class SessionPool:
     """`instance_group.count` onnxruntime sessions of one model file; `run` borrows a free one.
 
@@ -102,14 +112,10 @@ class SessionPool:
         graph_optimization: str,
         spin_wait: bool = False,
     ):
-        count = sum(max(g.count, 1) for g in config.instance_group) or 1
+        count, threads = instance_shape(config, intra_op_threads)
         cpus = available_cpus()
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-        # Triton's onnxruntime backend reads the thread counts from these config parameters too. Neither given:
-        # this process's CPUs shared out between the instances (onnxruntime's own default is every core of the
-        # node for each session, whatever the container's CPU limit).
-        threads = _int_parameter(config, "intra_op_thread_count", intra_op_threads) or max(1, cpus // count)
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = _int_parameter(config, "inter_op_thread_count", inter_op_threads)
         options.graph_optimization_level = _graph_level(config, graph_optimization)
