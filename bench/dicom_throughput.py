@@ -121,7 +121,10 @@ def main() -> int:
         )
         gateway = start_service(
             "gateway",
-            ["--inference", inference.address, "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1"],
+            # every shared file is classified, whatever the input gate says of it (a refusal would stop the clock
+            # early; here the throughput is measured, the gate's answers are tests/dicom's)
+            ["--inference", inference.address, "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1"]
+            + ["--gate-as-notice", "all"],
             work / "gateway",
             env=env,
         )
