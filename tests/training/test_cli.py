@@ -111,6 +111,16 @@ def test_export_cli_reports_a_refused_export(trained_repository, tmp_path, capsy
     assert repository.list_versions(repo / "m") == [1]
 
 
+def test_export_cli_sizes_the_serving_shape_for_the_cpus_asked(trained_repository, tmp_path):
+    """`cxr export --cpus 8`: the new config's instance_group and intra_op_thread_count are for 8 CPUs, not this
+    machine's (an inference pod's CPU limit)."""
+    run = trained_repository.parent / "runs" / "custom_cnn"
+    assert main(["export", str(run), "--repository", str(tmp_path), "--cpus", "8"]) == 0
+    config = repository.read_config(tmp_path / "custom_cnn")
+    assert [g.count for g in config.instance_group] == [2]
+    assert config.parameters["intra_op_thread_count"].string_value == "4"
+
+
 def test_train_all_architectures_skips_unreadable_files_and_evaluates_the_folder(cxr_raw_dir, tmp_path):
     import shutil
 
